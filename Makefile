@@ -1,0 +1,21 @@
+# The two commands of the README: `make demo` and `make test`. Both set themselves up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dfa-fast-installed
+DEMO_DATA := data/cmnist
+
+.PHONY: setup demo test
+setup: $(STAMP)
+
+$(STAMP): setup.py requirements-cpu.txt scripts/bootstrap.sh
+	bash scripts/bootstrap.sh $(VENV)
+	touch $@
+
+demo: setup
+	@[ -d $(DEMO_DATA)/0.5pct ] && [ -d $(DEMO_DATA)/1pct ] && [ -d $(DEMO_DATA)/2pct ] && \
+	    [ -d $(DEMO_DATA)/5pct ] || \
+	    $(PY) -m dfa_fast prepare cmnist --src data/mnist --out $(DEMO_DATA) --overwrite
+	$(PY) -m dfa_fast data info $(DEMO_DATA)
+
+test: setup
+	$(PY) -m pytest -q tests

@@ -1,0 +1,76 @@
+"""Batched, on-device image preparation: uint8 NHWC -> float NCHW, resize, crop+flip, normalise.
+
+The augmentations of METHOD.md section 5 (random crop with zero padding, horizontal flip; resize for
+faces) run on the whole batch at once on the batch's device, with random numbers from a device
+`torch.Generator`, so no per-image Python work and no host synchronisation.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+@dataclass
+class ImageTransform:
+    """Turns a uint8 NHWC batch into the model's float NCHW input (see the module docstring).
+
+    ``mean``/``std`` None means no normalisation (pixels in [0, 1]); ``resize`` is the side length
+    the image is resized to first; ``crop_padding`` > 0 and ``flip`` apply only when ``train``.
+    """
+    mean: Optional[Sequence[float]] = None
+    std: Optional[Sequence[float]] = None
+    resize: Optional[int] = None
+    crop_padding: int = 0
+    flip: bool = False
+    channels_last: bool = False
+    _constants: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __call__(self, images: torch.Tensor, train: bool,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Return the float32 NCHW batch for a uint8 (B, H, W, C) batch."""
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
+                              align_corners=False, antialias=x.shape[-1] > self.resize)
+        if train and (self.crop_padding > 0 or self.flip):
+            x = random_crop_flip(x, self.crop_padding, self.flip, generator)
+        if self.mean is not None:
+            mean, std = self._normalisation(x.device)
+            x = (x - mean) / std
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Made once per device: a host-to-device copy every step would stall the stream.
+        if device not in self._constants:
+            self._constants[device] = tuple(torch.tensor(v, device=device).view(1, -1, 1, 1)
+                                            for v in (self.mean, self.std))
+        return self._constants[device]
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Return a random HxW crop of each zero-padded image, mirrored with probability 1/2 if ``flip``.
+
+    One gather does both: the crop picks rows/columns at a random offset into the padded image and
+    a flip reverses the column order, so the batch is touched once.
+    """
+    b, _, h, w = x.shape
+    device = x.device
+    padded = F.pad(x, (padding,) * 4) if padding else x
+    offsets = torch.randint(0, 2 * padding + 1, (b, 2), device=device, generator=generator)
+    rows = offsets[:, :1] + torch.arange(h, device=device)
+    cols = torch.arange(w, device=device).expand(b, w)
+    if flip:
+        mirrored = torch.rand(b, 1, device=device, generator=generator) < 0.5
+        cols = torch.where(mirrored, w - 1 - cols, cols)
+    cols = offsets[:, 1:] + cols
+    batch = torch.arange(b, device=device)[:, None, None]
+    # Advanced indices around the channel slice come first: the result is (B, H, W, C).
+    return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)

@@ -1,0 +1,165 @@
+"""FFCV loaders that yield device batches (image, label, bias, index).
+
+Train: RANDOM order (QUASI_RANDOM only in one process), last partial batch dropped, a new shuffle
+each epoch from the run seed, distributed-aware. Eval: SEQUENTIAL, every sample exactly once; under
+data parallelism each rank reads a disjoint contiguous shard (no padding duplicates), so summing the
+ranks' counts gives exactly the single-process numbers. Decoding happens in FFCV's compiled pipeline;
+the uint8 batch moves to the device asynchronously and `ImageTransform` prepares it there.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from dfa_fast.data.augment import ImageTransform
+from dfa_fast.data.beton import load_sidecar
+from dfa_fast.errors import DfaError
+
+ORDERS = ("random", "quasi_random", "sequential")
+
+
+@dataclass
+class Batch:
+    """One batch on the device: image (float NCHW, or uint8 NHWC without a transform), and int64
+    label, bias and index (the sample's row in the split)."""
+    image: torch.Tensor
+    label: torch.Tensor
+    bias: torch.Tensor
+    index: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.label.shape[0]
+
+
+def usable_cores() -> int:
+    """Return the number of CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class DeviceLoader:
+    """Iterates an FFCV loader and yields `Batch` objects with the transform applied.
+
+    ``epoch`` and ``position`` (batches already taken in that epoch) are the loader's place in the
+    run; `stream` continues from them forever, which is what checkpoints save and resume restores.
+    """
+
+    def __init__(self, loader, meta: dict, device: torch.device,
+                 transform: Optional[ImageTransform], train: bool,
+                 generator: Optional[torch.Generator] = None):
+        self.loader = loader
+        self.meta = meta
+        self.device = device
+        self.transform = transform
+        self.train = train
+        self.generator = generator
+        self.epoch = 0
+        self.position = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def _batch(self, image, label, bias, index) -> Batch:
+        # FFCV reuses its output buffers a few batches later: everything kept must be a copy.
+        ints = [t.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
+                for t in (label, bias, index)]
+        image = image.to(self.device, non_blocking=True)
+        if self.transform is None:
+            image = image.clone()
+        else:
+            image = self.transform(image, self.train, self.generator)
+        return Batch(image, *ints)
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Yield the batches of one epoch (the next one, or the rest of a resumed one)."""
+        self.loader.next_epoch = self.epoch
+        skip = self.position
+        for i, (image, label, bias, index) in enumerate(self.loader):
+            if i < skip:
+                continue
+            self.position = i + 1
+            yield self._batch(image, label, bias, index)
+        self.epoch += 1
+        self.position = 0
+
+    def stream(self) -> Iterator[Batch]:
+        """Yield batches forever, epoch after epoch, from the current place."""
+        while True:
+            yield from self
+
+    def state_dict(self) -> dict:
+        """Return the loader's place in the run (epoch and batches taken)."""
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a place saved by `state_dict`."""
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _pipelines(device: torch.device) -> dict:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+    def to_device():
+        return [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    ints = lambda: [IntDecoder(), ToTensor(), Squeeze()] + to_device()  # noqa: E731
+    return {"image": [SimpleRGBImageDecoder(), ToTensor()] + to_device(),
+            "label": ints(), "bias": ints(), "index": ints()}
+
+
+def _workers(num_workers: Optional[int]) -> int:
+    cores = usable_cores()
+    return cores if num_workers is None or num_workers < 1 else min(num_workers, cores)
+
+
+def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
+                      device: torch.device | str = "cpu", order: str = "random",
+                      distributed: bool = False, transform: Optional[ImageTransform] = None,
+                      generator: Optional[torch.Generator] = None,
+                      num_workers: Optional[int] = None, os_cache: bool = True) -> DeviceLoader:
+    """Return the training loader of a split: shuffled every epoch from ``seed``, drop_last."""
+    from ffcv.loader import Loader, OrderOption
+
+    meta = load_sidecar(path)
+    if order not in ("random", "quasi_random"):
+        raise DfaError(f"train order {order!r} unknown; expected 'random' or 'quasi_random'")
+    if order == "quasi_random" and distributed:
+        raise DfaError("order 'quasi_random' is not supported with distributed=True (FFCV cannot "
+                       "split it across ranks); use order 'random'")
+    _, world = _world() if distributed else (0, 1)
+    if batch_size < 1 or batch_size * world > meta["num_samples"]:
+        raise DfaError(f"batch size {batch_size} x {world} rank(s) does not fit the "
+                       f"{meta['num_samples']} samples of {path}")
+    device = torch.device(device)
+    loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
+                    order=OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM,
+                    distributed=distributed, seed=int(seed), drop_last=True, os_cache=os_cache,
+                    pipelines=_pipelines(device))
+    return DeviceLoader(loader, meta, device, transform, train=True, generator=generator)
+
+
+def make_eval_loader(path: Path | str, batch_size: int, *, device: torch.device | str = "cpu",
+                     distributed: bool = False, transform: Optional[ImageTransform] = None,
+                     num_workers: Optional[int] = None, os_cache: bool = True) -> DeviceLoader:
+    """Return the evaluation loader of a split: sequential, every sample once (this rank's shard)."""
+    from ffcv.loader import Loader, OrderOption
+
+    meta = load_sidecar(path)
+    rank, world = _world() if distributed else (0, 1)
+    shard = np.array_split(np.arange(meta["num_samples"], dtype=np.uint64), world)[rank]
+    device = torch.device(device)
+    loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
+                    order=OrderOption.SEQUENTIAL, indices=shard, drop_last=False,
+                    os_cache=os_cache, pipelines=_pipelines(device))
+    return DeviceLoader(loader, meta, device, transform, train=False)

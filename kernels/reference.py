@@ -1,0 +1,166 @@
+"""PyTorch reference implementations of the fused DisEnt operations.
+
+These functions define the semantics that the Triton kernels next to this file must reproduce, and
+they are the implementation `dfa_fast.ops` uses on every device without Triton (the CPU). They follow
+METHOD.md sections 3-4 and the reference implementation's behaviour:
+
+* GCE (reference form): ``loss = CE(l, y) * q * sg(p_y) ** q``, gradient ``q * p_y**q * (p - onehot)``.
+  The textbook form ``(1 - p_y**q) / q`` has gradient ``p_y**q * (p - onehot)`` (no extra factor q).
+* Per-sample loss EMA over the whole training set with one shared "seen" flag: the first update of a
+  sample writes its raw loss, later ones ``alpha * old + (1 - alpha) * loss``. An index that appears
+  k times in one update is updated once, with the mean of its k losses (order-independent, so the
+  kernel and the reference agree without any ordering between writers).
+* Class-wise maximum over the whole buffer (every training sample of the class, seen or not: unseen
+  entries are 0 and losses are >= 0, as in the reference implementation).
+* Relative difficulty ``W = e_b / (e_b + e_i + 1e-8)`` with ``e = ema[index] / class_max[label]``;
+  W carries no gradient.
+
+All losses are computed in float32 whatever the input dtype. Nothing here synchronises with the host.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+# Added to the denominator of the relative difficulty, as in the reference implementation.
+WEIGHT_EPS = 1e-8
+# Guards the class-wise normalisation against a class whose maximum is still 0 (0 / tiny = 0).
+MAX_FLOOR = 1e-30
+
+GCE_FORMS = ("reference", "textbook")
+
+# gather(index, ce_i, ce_b) -> (index, ce_i, ce_b) of the global batch; identity in one process.
+Gather = Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                           tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Return the per-sample cross-entropy (B,) in float32."""
+    return F.cross_entropy(logits.float(), target, reduction="none")
+
+
+def gce(logits: torch.Tensor, target: torch.Tensor, q: float = 0.7,
+        form: str = "reference") -> torch.Tensor:
+    """Return the per-sample generalized cross-entropy (B,) in float32 (see the module docstring)."""
+    log_p_y = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+    if form == "reference":
+        # q * p_y^q as a constant weight on the cross-entropy: the reference code's form.
+        return -log_p_y * (q * torch.exp(q * log_p_y.detach()))
+    if form == "textbook":
+        return (1.0 - torch.exp(q * log_p_y)) / q
+    raise ValueError(f"unknown GCE form {form!r}; expected one of {GCE_FORMS}")
+
+
+def ema_update_(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor, index: torch.Tensor,
+                loss_i: torch.Tensor, loss_b: torch.Tensor, alpha: float) -> None:
+    """Update both per-sample loss EMAs and the seen flags in place at ``index``; returns None."""
+    for ema, loss in ((ema_i, loss_i), (ema_b, loss_b)):
+        # Mean of the losses of duplicated indices; an uninitialised scratch buffer is enough
+        # because only the entries at `index` are read back.
+        scratch = torch.empty_like(ema)
+        scratch.index_reduce_(0, index, loss.detach().float(), "mean", include_self=False)
+        value = scratch[index]
+        old = ema[index]
+        ema[index] = torch.where(seen[index], alpha * old + (1.0 - alpha) * value, value)
+    seen[index] = True
+
+
+def class_max(ema: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Return the maximum EMA value of each class over the whole buffer, shape (C,)."""
+    return torch.zeros(num_classes, dtype=ema.dtype, device=ema.device).scatter_reduce_(
+        0, labels, ema, "amax", include_self=True)
+
+
+def relative_difficulty(ema_i: torch.Tensor, ema_b: torch.Tensor, labels: torch.Tensor,
+                        index: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Return W = e_b / (e_b + e_i + 1e-8) for the samples at ``index`` (B,), without gradient."""
+    max_i = class_max(ema_i, labels, num_classes).clamp_min(MAX_FLOOR)
+    max_b = class_max(ema_b, labels, num_classes).clamp_min(MAX_FLOOR)
+    e_i = ema_i[index] / max_i[label]
+    e_b = ema_b[index] / max_b[label]
+    return e_b / (e_b + e_i + WEIGHT_EPS)
+
+
+def sample_weights(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
+                   labels: torch.Tensor, num_classes: int, index: torch.Tensor,
+                   label: torch.Tensor, ce_i: torch.Tensor, ce_b: torch.Tensor, alpha: float,
+                   gather: Gather = None) -> torch.Tensor:
+    """Update the EMAs with this batch's losses and return the weights W (B,) of its samples.
+
+    ``gather`` turns the local (index, ce_i, ce_b) into the global batch's under data parallelism, so
+    every rank applies the identical update; the weights are those of the local samples.
+    """
+    upd_index, upd_i, upd_b = (index, ce_i.detach(), ce_b.detach())
+    if gather is not None:
+        upd_index, upd_i, upd_b = gather(upd_index, upd_i, upd_b)
+    ema_update_(ema_i, ema_b, seen, upd_index, upd_i, upd_b, alpha)
+    return relative_difficulty(ema_i, ema_b, labels, index, label, num_classes)
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                           weight: torch.Tensor) -> torch.Tensor:
+    """Return mean(weight * CE(logits, target)), a scalar; no gradient flows into ``weight``."""
+    return (weight.detach() * cross_entropy(logits, target)).mean()
+
+
+def permute_concat(z_i: torch.Tensor, z_b: torch.Tensor,
+                   perm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the classifier inputs ([z_i, sg(z_b[pi])], [sg(z_i), z_b[pi]]), each (B, 2D).
+
+    Without ``perm`` the bias features stay in place (the un-swapped inputs of the DisEnt step).
+    """
+    z_b_perm = z_b if perm is None else z_b[perm]
+    return torch.cat([z_i, z_b_perm.detach()], 1), torch.cat([z_i.detach(), z_b_perm], 1)
+
+
+def disent_head(z_i: torch.Tensor, z_b: torch.Tensor,
+                weight_i: torch.Tensor, bias_i: torch.Tensor,
+                weight_b: torch.Tensor, bias_b: torch.Tensor,
+                label: torch.Tensor, index: torch.Tensor,
+                ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
+                labels: torch.Tensor, num_classes: int,
+                perm: Optional[torch.Tensor], *,
+                lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
+                q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
+                gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Return the DisEnt loss (scalar) and detached statistics for one step (METHOD.md section 4).
+
+    ``weight_*``/``bias_*`` are the two linear classifiers over 2D features (intrinsic, bias);
+    ``perm`` is the device permutation of the batch, or None before swapping starts. Updates the EMA
+    buffers in place.
+    """
+    x_i, x_b = permute_concat(z_i, z_b)
+    logits_i = F.linear(x_i, weight_i, bias_i)
+    logits_b = F.linear(x_b, weight_b, bias_b)
+    ce_i = cross_entropy(logits_i, label)
+    w = sample_weights(ema_i, ema_b, seen, labels, num_classes, index, label,
+                       ce_i, cross_entropy(logits_b.detach(), label), alpha, gather)
+    gce_b = gce(logits_b, label, q, gce_form).mean()
+    loss_dis = (w * ce_i).mean() + lambda_dis * gce_b
+    stats = {"ce_i": ce_i.detach().mean(), "gce_b": gce_b.detach(), "weight": w.mean(),
+             "loss_dis": loss_dis.detach()}
+    loss = loss_dis
+    if perm is not None:
+        xs_i, xs_b = permute_concat(z_i, z_b, perm)
+        loss_swap = (weighted_cross_entropy(F.linear(xs_i, weight_i, bias_i), label, w)
+                     + lambda_swap_b * gce(F.linear(xs_b, weight_b, bias_b), label[perm], q,
+                                           gce_form).mean())
+        loss = loss_dis + lambda_swap * loss_swap
+        stats["loss_swap"] = loss_swap.detach()
+    return loss, stats
+
+
+def lff_head(logits_d: torch.Tensor, logits_b: torch.Tensor, label: torch.Tensor,
+             index: torch.Tensor, ema_d: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
+             labels: torch.Tensor, num_classes: int, *, q: float = 0.7, alpha: float = 0.7,
+             gce_form: str = "reference",
+             gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Return the LfF loss mean(GCE(f_B)) + mean(W * CE(f_D)) and detached statistics."""
+    ce_d = cross_entropy(logits_d, label)
+    w = sample_weights(ema_d, ema_b, seen, labels, num_classes, index, label,
+                       ce_d, cross_entropy(logits_b.detach(), label), alpha, gather)
+    gce_b = gce(logits_b, label, q, gce_form).mean()
+    loss = gce_b + (w * ce_d).mean()
+    return loss, {"ce_i": ce_d.detach().mean(), "gce_b": gce_b.detach(), "weight": w.mean()}
