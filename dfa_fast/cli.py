@@ -5,6 +5,10 @@
     dfa-fast prepare faces --src utkface.zip --out data/faces --ratios 0.5
     dfa-fast prepare folder --dataset bffhq --src bffhq/ --out data/bffhq
     dfa-fast data info data/cmnist/1pct
+    dfa-fast train --preset cmnist --ratio 1 --method disent --data data/cmnist --out runs/c1
+    dfa-fast train --resume runs/c1
+    dfa-fast eval runs/c1 --split test
+    dfa-fast report runs/
 """
 from __future__ import annotations
 
@@ -75,7 +79,94 @@ def build_parser() -> argparse.ArgumentParser:
     info = data_commands.add_parser("info", help="print sidecars and (label, bias) counts")
     info.add_argument("path", type=Path, help="a .beton, its .json, or a folder of them")
     info.add_argument("--verify", action="store_true", help="also check each file's sha256")
+
+    train = commands.add_parser("train", help="train a method on prepared data")
+    train.add_argument("--preset", help="cmnist | cifar10c | bffhq")
+    train.add_argument("--ratio", type=float, help="bias-conflicting percentage, e.g. 1")
+    train.add_argument("--method", help="vanilla | lff | disent")
+    train.add_argument("--data", type=Path,
+                       help="prepared data: the output folder of `prepare` or one ratio folder")
+    train.add_argument("--out", type=Path, help="the run directory to create")
+    train.add_argument("--seed", type=int, help="run seed (default 0)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    train.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run")
+    train.add_argument("--force", action="store_true",
+                       help="resume even if the config differs from the saved one")
+    train.add_argument("--deepspeed_config", type=Path,
+                       help="a DeepSpeed JSON config (checked against the run config)")
+    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
+    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+
+    ev = commands.add_parser("eval", help="evaluate a run's checkpoint")
+    ev.add_argument("run_dir", type=Path)
+    ev.add_argument("--split", action="append", help="split(s) to evaluate (default valid, test)")
+    ev.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+
+    report = commands.add_parser("report", help="mean and std over seeds of finished runs")
+    report.add_argument("runs", type=Path, nargs="+", help="run directories or folders of them")
+    report.add_argument("--json", type=Path, help="also write the rows as JSON")
     return parser
+
+
+def train_config(args: argparse.Namespace):
+    """Return the run config of `dfa-fast train` arguments (None when resuming unchanged)."""
+    from dfa_fast import config
+    overrides = config.parse_overrides(args.set)
+    if args.seed is not None:
+        overrides.setdefault("train", {})["seed"] = args.seed
+    if args.steps is not None:
+        overrides.setdefault("train", {})["steps"] = args.steps
+    if args.resume:
+        if args.preset or args.data or args.out:
+            raise DfaError("--resume RUN_DIR takes the run's saved config; give only --steps, "
+                           "--set and --force with it")
+        if not overrides:
+            return None
+        saved = config.load(args.resume / "config.yaml") if (args.resume / "config.yaml").is_file() \
+            else None
+        if saved is None:
+            raise DfaError(f"{args.resume}: no config.yaml; expected a run directory")
+        merged = saved.to_dict()
+        for section, values in overrides.items():
+            if section not in merged:
+                raise DfaError(f"unknown config section {section!r}")
+            merged[section].update(values)
+        return config.from_dict(merged, where="--set")
+    missing = [flag for flag, value in (("--preset", args.preset), ("--ratio", args.ratio),
+                                        ("--method", args.method), ("--data", args.data),
+                                        ("--out", args.out)) if value is None]
+    if missing:
+        raise DfaError(f"train needs {', '.join(missing)} (or --resume RUN_DIR)")
+    if args.method not in config.METHODS:
+        raise DfaError(f"unknown method {args.method!r}; available: {', '.join(config.METHODS)}")
+    from dfa_fast.trainer import resolve_data_dir
+    data_dir = resolve_data_dir(args.data, args.ratio)
+    overrides.setdefault("data", {})["path"] = str(data_dir.resolve())
+    return config.resolve(args.preset, args.ratio, args.method, overrides)
+
+
+def print_headline(summary: dict) -> None:
+    """Print the final table of a run: valid-selected, paper protocol and final test numbers."""
+    from dfa_fast.published import published
+    from dfa_fast.trainer import headline
+    numbers = headline(summary)
+    metric = summary["report_metric"]
+    pub = published(summary["dataset"], summary["ratio_pct"], summary["method"])
+    sel, paper = summary["selected"], summary["paper_protocol"]
+    print(f"\n{summary['method']} on {summary['dataset']} {summary['ratio_pct']:g}% "
+          f"(seed {summary['seed']}, {summary['steps']} steps, "
+          f"{summary['wall_seconds'] / 60:.1f} min, "
+          f"{summary['throughput']['images_per_s']:.0f} images/s)")
+    print(f"| test {metric} accuracy (%) | value | step |")
+    print("| --- | --- | --- |")
+    print(f"| valid-selected | {numbers['selected']:.2f} | {sel['step'] if sel else '-'} |")
+    print(f"| paper protocol (max test) | {numbers['paper_protocol']:.2f} | "
+          f"{paper['step'] if paper else '-'} |")
+    print(f"| final | {numbers['final']:.2f} | {summary['final']['step']} |")
+    if pub is not None:
+        print(f"| published (paper) | {pub:.2f} | |")
 
 
 def run_prepare(args: argparse.Namespace) -> list[Path]:
@@ -111,6 +202,40 @@ def run_data_info(args: argparse.Namespace) -> None:
     print("\n\n".join(describe(beton, verify=args.verify) for beton in find_betons(args.path)))
 
 
+def run_train(args: argparse.Namespace) -> None:
+    """Train (or resume) a run and print its final table."""
+    import os
+    from dfa_fast.trainer import train
+    cfg = train_config(args)
+    run_dir = args.resume or args.out
+    summary = train(cfg, run_dir, resume=args.resume is not None, force=args.force,
+                    ds_config=args.deepspeed_config)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print_headline(summary)
+        print(f"run directory: {run_dir}")
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    """Evaluate a run's checkpoint and print the metrics of each split."""
+    from dfa_fast.evaluate import METRICS
+    from dfa_fast.trainer import evaluate_run
+    results = evaluate_run(args.run_dir, args.split or ["valid", "test"], args.checkpoint)
+    print(f"| split | {' | '.join(METRICS)} |")
+    print("| --- |" + " --- |" * len(METRICS))
+    for split, metrics in results.items():
+        print(f"| {split} | " + " | ".join(f"{metrics[m]:.2f}" for m in METRICS) + " |")
+
+
+def run_report(args: argparse.Namespace) -> None:
+    """Print (and optionally write) the seed-aggregated table of finished runs."""
+    import json
+    from dfa_fast.report import aggregate, find_summaries, markdown_table
+    rows = aggregate(find_summaries(args.runs))
+    print(markdown_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status (2 for a user error)."""
     args = build_parser().parse_args(argv)
@@ -120,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {folder}")
         elif args.command == "data":
             run_data_info(args)
+        elif args.command == "train":
+            run_train(args)
+        elif args.command == "eval":
+            run_eval(args)
+        elif args.command == "report":
+            run_report(args)
     except DfaError as err:
         print(f"dfa-fast: error: {err}", file=sys.stderr)
         return 2

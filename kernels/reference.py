@@ -21,8 +21,13 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+# index_reduce_ is stable in practice; its "beta" notice would be printed by every run.
+warnings.filterwarnings("ignore", message="index_reduce\\(\\) is in beta")
 
 # Added to the denominator of the relative difficulty, as in the reference implementation.
 WEIGHT_EPS = 1e-8

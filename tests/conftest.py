@@ -5,6 +5,10 @@ from pathlib import Path
 # Triton reads this when a kernel is decorated, so it must be set before any kernel module import.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import gzip  # noqa: E402
+import struct  # noqa: E402
+
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,3 +27,33 @@ def shared_data() -> Path:
 def data_root() -> Path:
     """The folder of the real data sets named by $DFA_DATA."""
     return shared_data()
+
+
+@pytest.fixture(scope="session")
+def cmnist_full(tmp_path_factory):
+    """Colored MNIST from the real files at 1% and 5% (seed 0)."""
+    from dfa_fast.data.cmnist import build_cmnist
+    out = tmp_path_factory.mktemp("cmnist")
+    build_cmnist(MNIST_DIR, out, [0.01, 0.05], seed=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mnist_small(tmp_path_factory):
+    """The first 6000 train and 1000 test images of the real MNIST, as IDX files."""
+    from dfa_fast.data.sources import load_mnist
+    src = load_mnist(MNIST_DIR)
+    folder_ = tmp_path_factory.mktemp("mnist_small")
+    for split, n, (img_name, lab_name) in (("train", 6000, cmnist_names("train")),
+                                            ("test", 1000, cmnist_names("t10k"))):
+        data = src.splits[split]
+        images, labels = data.images[:n], data.labels[:n].astype(np.uint8)
+        (folder_ / img_name).write_bytes(gzip.compress(
+            b"\x00\x00\x08\x03" + struct.pack(">3I", n, 28, 28) + images.tobytes()))
+        (folder_ / lab_name).write_bytes(gzip.compress(
+            b"\x00\x00\x08\x01" + struct.pack(">I", n) + labels.tobytes()))
+    return folder_
+
+
+def cmnist_names(prefix):
+    return f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"

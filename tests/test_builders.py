@@ -1,8 +1,6 @@
 """Builders: counts per (label, bias), determinism, colour, corruptions, faces, folder import, errors."""
-import gzip
 import json
 import shutil
-import struct
 
 import numpy as np
 import pytest
@@ -29,34 +27,6 @@ def assert_ratio(counts, ratio):
     for y, row in enumerate(counts):
         conflicting = row.sum() - row[y]
         assert abs(conflicting - ratio * row.sum()) <= 1, (y, conflicting, row.sum())
-
-
-@pytest.fixture(scope="session")
-def cmnist_full(tmp_path_factory):
-    """Colored MNIST from the real files at 1% and 5% (seed 0)."""
-    out = tmp_path_factory.mktemp("cmnist")
-    cmnist.build_cmnist(MNIST_DIR, out, [0.01, 0.05], seed=0, progress=False)
-    return out
-
-
-@pytest.fixture(scope="session")
-def mnist_small(tmp_path_factory):
-    """The first 6000 train and 1000 test images of the real MNIST, as IDX files."""
-    src = load_mnist(MNIST_DIR)
-    folder_ = tmp_path_factory.mktemp("mnist_small")
-    for split, n, (img_name, lab_name) in (("train", 6000, cmnist_names("train")),
-                                            ("test", 1000, cmnist_names("t10k"))):
-        data = src.splits[split]
-        images, labels = data.images[:n], data.labels[:n].astype(np.uint8)
-        (folder_ / img_name).write_bytes(gzip.compress(
-            b"\x00\x00\x08\x03" + struct.pack(">3I", n, 28, 28) + images.tobytes()))
-        (folder_ / lab_name).write_bytes(gzip.compress(
-            b"\x00\x00\x08\x01" + struct.pack(">I", n) + labels.tobytes()))
-    return folder_
-
-
-def cmnist_names(prefix):
-    return f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz"
 
 
 @pytest.mark.parametrize("tag, ratio", [("1pct", 0.01), ("5pct", 0.05)])

@@ -109,9 +109,14 @@ def test_two_ranks_get_disjoint_halves_that_cover_the_split(split, tmp_path):
                     "--master_port", str(free_port()), str(script), str(path),
                     str(tmp_path / "ranks")], check=True, env=env, timeout=300)
     ranks = [json.loads((tmp_path / f"ranks.{r}.json").read_text()) for r in range(2)]
+    single = make_train_loader(path, 20, seed=3, num_workers=1)
     for epoch in range(2):
-        a, b = (set(r["train"][epoch]) for r in ranks)
+        a, b = (set(sum(r["train"][epoch], [])) for r in ranks)
         assert len(a) == len(b) == N // 2 and not a & b and a | b == set(range(N))
+        # Rank batches of 10 together hold exactly the samples of one process's batches of 20.
+        for k, batch in enumerate(single):
+            assert sorted(ranks[0]["train"][epoch][k] + ranks[1]["train"][epoch][k]) == \
+                sorted(batch.index.tolist())
     assert ranks[0]["train"][0] != ranks[0]["train"][1]  # reshuffled each epoch
     first, second = ranks[0]["eval"], ranks[1]["eval"]
     assert first + second == list(range(N))  # evaluation shards: contiguous, no padding

@@ -1,7 +1,9 @@
 """FFCV loaders that yield device batches (image, label, bias, index).
 
-Train: RANDOM order (QUASI_RANDOM only in one process), last partial batch dropped, a new shuffle
-each epoch from the run seed, distributed-aware. Eval: SEQUENTIAL, every sample exactly once; under
+Train: random order (QUASI_RANDOM only in one process), last partial batch dropped, a new shuffle
+each epoch from the run seed, distributed-aware: every rank draws the same permutation of the whole
+split and takes every world-th sample, so the ranks' k-th batches together hold exactly the samples
+of the k-th batch of one process reading the global batch (what makes N ranks equal one process). Eval: SEQUENTIAL, every sample exactly once; under
 data parallelism each rank reads a disjoint contiguous shard (no padding duplicates), so summing the
 ranks' counts gives exactly the single-process numbers. Decoding happens in FFCV's compiled pipeline;
 the uint8 batch moves to the device asynchronously and `ImageTransform` prepares it there.
@@ -106,6 +108,20 @@ class DeviceLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+def _global_shuffle_order():
+    """Return the FFCV traversal order class described in the module docstring (made lazily:
+    FFCV costs seconds to import)."""
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class GlobalShuffle(TraversalOrder):
+        def sample_order(self, epoch: int) -> np.ndarray:
+            rank, world = _world() if self.distributed else (0, 1)
+            order = self.indices[np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.indices))]
+            return order[: len(order) - len(order) % world][rank::world]
+    return GlobalShuffle
+
+
 def _pipelines(device: torch.device) -> dict:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
@@ -130,6 +146,7 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
                       num_workers: Optional[int] = None, os_cache: bool = True) -> DeviceLoader:
     """Return the training loader of a split: shuffled every epoch from ``seed``, drop_last."""
     from ffcv.loader import Loader, OrderOption
+    from ffcv.loader.loader import ORDER_MAP
 
     meta = load_sidecar(path)
     if order not in ("random", "quasi_random"):
@@ -142,8 +159,9 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
         raise DfaError(f"batch size {batch_size} x {world} rank(s) does not fit the "
                        f"{meta['num_samples']} samples of {path}")
     device = torch.device(device)
+    ORDER_MAP.setdefault("global_shuffle", _global_shuffle_order())
     loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
-                    order=OrderOption.RANDOM if order == "random" else OrderOption.QUASI_RANDOM,
+                    order="global_shuffle" if order == "random" else OrderOption.QUASI_RANDOM,
                     distributed=distributed, seed=int(seed), drop_last=True, os_cache=os_cache,
                     pipelines=_pipelines(device))
     return DeviceLoader(loader, meta, device, transform, train=True, generator=generator)

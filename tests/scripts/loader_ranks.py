@@ -14,7 +14,7 @@ dist.init_process_group("gloo")
 beton, out = sys.argv[1], sys.argv[2]
 rank = dist.get_rank()
 train = make_train_loader(beton, 10, seed=3, distributed=True, num_workers=1)
-epochs = [torch.cat([b.index for b in train]).tolist() for _ in range(2)]
+epochs = [[b.index.tolist() for b in train] for _ in range(2)]
 evaluation = torch.cat([b.index for b in make_eval_loader(beton, 64, distributed=True,
                                                           num_workers=1)]).tolist()
 with open(f"{out}.{rank}.json", "w") as handle:

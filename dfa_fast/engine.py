@@ -1,0 +1,128 @@
+"""The DeepSpeed engine: process-group set-up (also without a launcher), ds_config, Adam, LR schedule.
+
+`deepspeed.initialize` wraps the method's one module with one plain Adam (weight decay as L2, not
+AdamW) and the delayed step decay of METHOD.md section 4 item 7 as a LambdaLR, from a ds_config
+built from the run config (micro batch per rank, gradient accumulation, bf16/fp16, ZeRO stage,
+gradient clipping) or read from a file and checked against the run config.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dfa_fast.config import RunConfig
+from dfa_fast.errors import DfaError
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on this machine right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the device of a run ("auto": this rank's GPU if there is one, else the CPU)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DfaError("train.device=cuda but no CUDA GPU is available; use train.device=cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def prepare_environment(device: torch.device) -> None:
+    """Set what DeepSpeed needs before it initialises; returns None.
+
+    Without a launcher: RANK, LOCAL_RANK, WORLD_SIZE and a free MASTER_PORT for a single process.
+    On CPUs: DeepSpeed's CPU accelerator (gloo). Always: skip DeepSpeed's shared-memory op build,
+    which JIT-compiles for minutes and serves only inference all-reduce (ENVIRONMENT.md).
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def world_size() -> int:
+    """Return the number of ranks of this job (1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def build_ds_config(cfg: RunConfig, world: int) -> dict:
+    """Return the ds_config of a run on ``world`` ranks."""
+    t = cfg.train
+    per_rank, rest = divmod(cfg.data.batch_size, world * t.grad_accum)
+    if rest or per_rank < 1:
+        raise DfaError(f"data.batch_size={cfg.data.batch_size} is not divisible into {world} "
+                       f"rank(s) x train.grad_accum={t.grad_accum} micro-batches")
+    return {
+        "train_batch_size": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": per_rank,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def check_ds_config(given: dict, expected: dict, path: Path) -> None:
+    """Raise if a user's ds_config disagrees with the run config on what the run depends on."""
+    checks = {
+        "train_batch_size": expected["train_batch_size"],
+        "train_micro_batch_size_per_gpu": expected["train_micro_batch_size_per_gpu"],
+        "gradient_accumulation_steps": expected["gradient_accumulation_steps"],
+    }
+    for key, value in checks.items():
+        if key in given and given[key] != value:
+            raise DfaError(f"{path}: {key}={given[key]} but the run config needs {value} "
+                           "(data.batch_size, train.grad_accum and the number of ranks)")
+    for key in ("bf16", "fp16"):
+        if bool(given.get(key, {}).get("enabled")) != expected[key]["enabled"]:
+            raise DfaError(f"{path}: {key}.enabled disagrees with train.precision")
+    stage = given.get("zero_optimization", {}).get("stage", 0)
+    if stage != expected["zero_optimization"]["stage"]:
+        raise DfaError(f"{path}: zero_optimization.stage={stage} but train.zero_stage="
+                       f"{expected['zero_optimization']['stage']}")
+    if "optimizer" in given or "scheduler" in given:
+        raise DfaError(f"{path}: remove 'optimizer'/'scheduler'; dfa-fast passes plain Adam and "
+                       "the published LR schedule itself")
+
+
+def load_ds_config(path: Optional[Path], cfg: RunConfig, world: int) -> dict:
+    """Return the ds_config of a run: built from the run config, or a file checked against it."""
+    expected = build_ds_config(cfg, world)
+    if path is None:
+        return expected
+    try:
+        given = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DfaError(f"{path}: cannot read the DeepSpeed config ({err})") from None
+    check_ds_config(given, expected, Path(path))
+    return {**expected, **given}
+
+
+def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
+    """Return the DeepSpeed engine of ``model`` with Adam and the run's LR schedule."""
+    import deepspeed
+    # fused: one pass over each parameter for the whole update (CPU and CUDA kernels).
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
+                                 weight_decay=cfg.optim.weight_decay, fused=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.optim.lr_factor)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=schedule, config=ds_config)
+    return engine

@@ -1,0 +1,139 @@
+"""Vanilla, LfF and DisEnt: each builds its modules and computes ``loss, stats = step(batch, step)``
+and ``logits = predict(x)`` (DESIGN.md rule 1). Losses go through `dfa_fast.ops` (Triton kernels on
+CUDA, the PyTorch reference elsewhere). Nothing here synchronises with the host: statistics stay on
+the device, permutations are drawn on the device.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dfa_fast import ops
+from dfa_fast.config import RunConfig
+from dfa_fast.data.loaders import Batch
+from dfa_fast.ema import SampleLossEMA
+from dfa_fast.models import Classifier, DisEntModel, LfFModel
+
+
+class Method:
+    """The common interface; ``model`` is the one module that DeepSpeed wraps."""
+
+    name = "method"
+
+    def __init__(self, cfg: RunConfig, num_classes: int, device: torch.device):
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.device = device
+        self.model = self.build_model().to(device)
+        self.ema: Optional[SampleLossEMA] = None
+        self.dtype = torch.float32
+
+    def build_model(self) -> nn.Module:
+        """Return the method's module (all trainable parts)."""
+        raise NotImplementedError
+
+    def attach(self, train_labels: torch.Tensor) -> None:
+        """Give the method the labels of every training sample (the EMA methods need them)."""
+
+    def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        """Return the loss of one batch (scalar with gradient) and detached statistics."""
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Return the prediction logits (B, C)."""
+        return self.model(x.to(self.dtype))
+
+    def state_dict(self) -> dict:
+        """Return the method's non-parameter state (EMA buffers), for checkpoints."""
+        return {"ema": self.ema.state_dict()} if self.ema is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore state saved by `state_dict`."""
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+class Vanilla(Method):
+    """One network, mean cross-entropy."""
+
+    name = "vanilla"
+
+    def build_model(self) -> nn.Module:
+        return Classifier(self.cfg.model, self.num_classes)
+
+    def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        loss = ops.cross_entropy(self.model(batch.image.to(self.dtype)), batch.label).mean()
+        return loss, {"ce": loss.detach()}
+
+
+class _EMAMethod(Method):
+    def attach(self, train_labels: torch.Tensor) -> None:
+        self.ema = SampleLossEMA(train_labels, self.num_classes, self.cfg.method.ema_alpha,
+                                 self.device)
+
+    def _loss_kwargs(self) -> dict:
+        m = self.cfg.method
+        return {"q": m.q, "alpha": m.ema_alpha, "gce_form": m.gce_form, "gather": self.ema.gather}
+
+
+class LfF(_EMAMethod):
+    """Learning from Failure: a GCE-trained biased network re-weights the debiased one."""
+
+    name = "lff"
+
+    def build_model(self) -> nn.Module:
+        return LfFModel(self.cfg.model, self.num_classes)
+
+    def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        x = batch.image.to(self.dtype)
+        ema = self.ema
+        return ops.lff_head(self.model.debiased(x), self.model.biased(x), batch.label,
+                            batch.index, ema.ema_i, ema.ema_b, ema.seen, ema.labels,
+                            self.num_classes, **self._loss_kwargs())
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.debiased(x.to(self.dtype))
+
+
+class DisEnt(_EMAMethod):
+    """Disentangled feature augmentation (METHOD.md section 4)."""
+
+    name = "disent"
+
+    def __init__(self, cfg: RunConfig, num_classes: int, device: torch.device):
+        super().__init__(cfg, num_classes, device)
+        # Permutations for the feature swap, drawn on the device; the same on every rank.
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(cfg.train.seed + 1)
+
+    def build_model(self) -> nn.Module:
+        return DisEntModel(self.cfg.model, self.num_classes)
+
+    def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
+        m, model, ema = self.cfg.method, self.model, self.ema
+        z_i, z_b = model.features(batch.image.to(self.dtype))
+        perm = None
+        if step > m.swap_start:
+            perm = torch.randperm(len(batch), device=self.device, generator=self.generator)
+        return ops.disent_head(z_i, z_b, model.fc_i.weight, model.fc_i.bias, model.fc_b.weight,
+                               model.fc_b.bias, batch.label, batch.index, ema.ema_i, ema.ema_b,
+                               ema.seen, ema.labels, self.num_classes, perm,
+                               lambda_dis=m.lambda_dis, lambda_swap_b=m.lambda_swap_b,
+                               lambda_swap=m.lambda_swap, **self._loss_kwargs())
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.generator.set_state(state["generator"])
+
+
+METHODS = {cls.name: cls for cls in (Vanilla, LfF, DisEnt)}
+
+
+def build_method(cfg: RunConfig, num_classes: int, device: torch.device) -> Method:
+    """Return the configured method with its modules on ``device``."""
+    return METHODS[cfg.method.name](cfg, num_classes, device)

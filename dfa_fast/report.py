@@ -1,0 +1,72 @@
+"""Aggregating finished runs: mean and std over seeds per (data set, ratio, method), with the
+published numbers beside them (`dfa-fast report`, benchmarks/accuracy.py)."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from dfa_fast.errors import DfaError
+from dfa_fast.published import published
+from dfa_fast.trainer import SUMMARY_FILE, headline
+
+METHOD_ORDER = {"vanilla": 0, "lff": 1, "disent": 2}
+
+
+def find_summaries(paths: list[Path]) -> list[dict]:
+    """Return the summaries of the runs at or below ``paths``."""
+    found = []
+    for path in map(Path, paths):
+        files = [path / SUMMARY_FILE] if (path / SUMMARY_FILE).is_file() else \
+            sorted(path.rglob(SUMMARY_FILE)) if path.is_dir() else []
+        if not files:
+            raise DfaError(f"{path}: no {SUMMARY_FILE} found; expected a finished run directory "
+                           "(or a folder of them)")
+        found += [json.loads(f.read_text()) | {"run_dir": str(f.parent)} for f in files]
+    return found
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    array = np.asarray(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def aggregate(summaries: list[dict]) -> list[dict]:
+    """Return one row per (data set, ratio, method): seeds, means and stds of the test numbers."""
+    groups = defaultdict(list)
+    for summary in summaries:
+        groups[summary["dataset"], float(summary["ratio_pct"]), summary["method"]].append(summary)
+    rows = []
+    for (dataset, ratio, method), runs in sorted(groups.items(), key=lambda item: (
+            item[0][0], item[0][1], METHOD_ORDER.get(item[0][2], 9))):
+        numbers = [headline(run) for run in runs]
+        row = {"dataset": dataset, "method": method, "ratio_pct": ratio, "n_seeds": len(runs),
+               "seeds": sorted(run["seed"] for run in runs),
+               "steps": sorted({run["steps"] for run in runs}),
+               "report_metric": runs[0]["report_metric"]}
+        for name in ("selected", "paper_protocol", "final"):
+            mean, std = _stats([n[name] for n in numbers])
+            row[f"test_acc_{name}_mean"], row[f"test_acc_{name}_std"] = mean, std
+        row["selected_minus_paper"] = row["test_acc_selected_mean"] - \
+            row["test_acc_paper_protocol_mean"]
+        row["published"] = published(dataset, ratio, method)
+        row["wall_seconds_mean"] = float(np.mean([run["wall_seconds"] for run in runs]))
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Return the rows as a Markdown table (percent, mean +- std over seeds)."""
+    lines = ["| data set | ratio | method | seeds | valid-selected | paper protocol | final | "
+             "selected - paper | published |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        def cell(name):
+            return f"{r[f'test_acc_{name}_mean']:.2f} ± {r[f'test_acc_{name}_std']:.2f}"
+        pub = f"{r['published']:.2f}" if r["published"] is not None else "-"
+        lines.append(f"| {r['dataset']} | {r['ratio_pct']:g}% | {r['method']} | {r['n_seeds']} | "
+                     f"{cell('selected')} | {cell('paper_protocol')} | {cell('final')} | "
+                     f"{r['selected_minus_paper']:+.2f} | {pub} |")
+    return "\n".join(lines)

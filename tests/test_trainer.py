@@ -1,0 +1,147 @@
+"""The training loop on real Colored MNIST: it learns, resumes exactly, stops on NaN, checks input."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from dfa_fast import config
+from dfa_fast.errors import DfaError
+from dfa_fast.trainer import Trainer, evaluate_run, train
+
+
+def run_config(data_dir, method_name="disent", **sections):
+    overrides = {"data": {"path": str(data_dir)}, "train": {"progress": False}}
+    for section, values in sections.items():
+        overrides.setdefault(section, {}).update(values)
+    return config.resolve("cmnist", 1, method_name, overrides)
+
+
+def test_short_run_learns(cmnist_full, tmp_path):
+    cfg = run_config(cmnist_full / "1pct", "vanilla",
+                     train={"steps": 300, "eval_every": 100, "log_every": 50, "ckpt_every": 300},
+                     model={"input_scale": 1.0})
+    summary = train(cfg, tmp_path / "run")
+    valid = summary["final"]["valid"]
+    assert valid["aligned"] > 90  # the colour shortcut is learnt at once ...
+    assert valid["accuracy"] > 20  # ... and well above chance (10%) on the balanced valid split
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["kind"] == "eval"] == [0, 100, 200, 299]
+    train_lines = [l for l in lines if l["kind"] == "train"]
+    assert len(train_lines) == 6 and train_lines[-1]["loss"] < train_lines[0]["loss"]
+    assert all(l["images_per_s"] > 0 and 0 <= l["data_share"] <= 1 for l in train_lines)
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["selected"]["valid"]["unbiased"] == max(
+        l["valid"]["unbiased"] for l in lines if l["kind"] == "eval")
+    again = evaluate_run(tmp_path / "run", ["valid"], "latest")
+    assert again["valid"] == pytest.approx(valid)
+
+
+def disent_cfg(data_dir, steps):
+    # Swap from step 10 and the first LR decay at step 30, so a resume crosses both.
+    return run_config(data_dir, train={"steps": steps, "eval_every": 20, "log_every": 10,
+                                       "ckpt_every": 25},
+                      method={"swap_start": 10},
+                      optim={"lr_decay_start": 15, "lr_decay_step": 15})
+
+
+def test_resumed_run_matches_an_uninterrupted_one(cmnist_full, tmp_path, monkeypatch):
+    data = cmnist_full / "1pct"
+    full = Trainer(disent_cfg(data, 50), tmp_path / "full")
+    full_summary = full.run()
+    part = Trainer(disent_cfg(data, 50), tmp_path / "part")
+    real_step = part.method.step
+
+    def interrupted(batch, step):  # as if the machine went down during step 33
+        if step == 33:
+            raise KeyboardInterrupt
+        return real_step(batch, step)
+    monkeypatch.setattr(part.method, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        part.run()
+    resumed = Trainer(disent_cfg(data, 50), tmp_path / "part", resume=True)
+    assert resumed.start_step == 25
+    resumed_summary = resumed.run()
+    lines = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("full", "part")]
+    strip = lambda text: [{k: v for k, v in json.loads(l).items()  # noqa: E731
+                           if k not in ("images_per_s", "data_share", "step_ms")} for l in text]
+    assert strip(lines[0]) == strip(lines[1])
+    for a, b in zip(full.method.model.parameters(), resumed.method.model.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(full.method.ema.ema_i, resumed.method.ema.ema_i)
+    assert torch.equal(full.method.ema.ema_b, resumed.method.ema.ema_b)
+    assert full_summary["final"] == resumed_summary["final"]
+    assert full_summary["selected"] == resumed_summary["selected"]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(cmnist_full, tmp_path,
+                                                                      monkeypatch):
+    cfg = run_config(cmnist_full / "1pct", train={"steps": 20, "eval_every": 100,
+                                                 "log_every": 4, "ckpt_every": 5})
+    trainer = Trainer(cfg, tmp_path / "run")
+    real_step = trainer.method.step
+
+    def poisoned(batch, step):
+        loss, stats = real_step(batch, step)
+        return (loss * float("nan") if step == 7 else loss), stats
+    monkeypatch.setattr(trainer.method, "step", poisoned)
+    with pytest.raises(DfaError, match="NaN or infinite at step 7.*last good checkpoint is step 5"):
+        trainer.run()
+    assert trainer.checkpoints.pointer("latest")["step"] == 5
+    resumed = Trainer(None, tmp_path / "run", resume=True)
+    assert resumed.start_step == 5
+
+
+def test_resume_with_a_different_config_is_refused_unless_forced(cmnist_full, tmp_path):
+    data = cmnist_full / "1pct"
+    train(run_config(data, train={"steps": 5, "eval_every": 5, "ckpt_every": 5}), tmp_path / "r")
+    changed = run_config(data, train={"steps": 10, "eval_every": 5, "ckpt_every": 5},
+                         optim={"lr": 0.5})
+    with pytest.raises(DfaError, match="optim.lr: 0.01 -> 0.5.*--force"):
+        Trainer(changed, tmp_path / "r", resume=True)
+    longer = run_config(data, train={"steps": 10, "eval_every": 5, "ckpt_every": 5})
+    assert Trainer(longer, tmp_path / "r", resume=True).start_step == 5  # more steps is fine
+    with pytest.raises(DfaError, match="already holds a run"):
+        Trainer(longer, tmp_path / "r")
+    forced = Trainer(changed, tmp_path / "r", resume=True, force=True)
+    assert forced.start_step == 5 and forced.cfg.optim.lr == 0.5
+
+
+def test_data_without_matching_sidecar_is_refused(cmnist_full, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(cmnist_full / "1pct", copy)
+    (copy / "valid.json").unlink()
+    with pytest.raises(DfaError, match="sidecar valid.json is missing"):
+        Trainer(run_config(copy), tmp_path / "run")
+    with pytest.raises(DfaError, match="5% bias-conflicting samples but the run is for 1%"):
+        Trainer(run_config(cmnist_full / "5pct"), tmp_path / "run2")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: config.resolve("imagenet", 1, "disent"), "unknown preset 'imagenet'; available: "
+                                                      "bffhq, cifar10c, cmnist"),
+    (lambda: config.resolve("cmnist", 3, "disent"), "no ratio 3%; available: 0.5, 1, 2, 5"),
+    (lambda: config.resolve("cmnist", 1, "jtt"), "no method 'jtt'; available: vanilla, lff, disent"),
+    (lambda: config.resolve("cmnist", 1, "disent", {"optim": {"lrr": 1}}),
+     "unknown config key optim.lrr"),
+    (lambda: config.resolve("cmnist", 1, "disent", {"optimizer": {"lr": 1}}),
+     "unknown config section 'optimizer'"),
+    (lambda: config.resolve("cmnist", 1, "disent", {"optim": {"lr": "fast"}}),
+     "optim.lr='fast' is not valid; expected a float"),
+    (lambda: config.resolve("cmnist", 1, "disent", {"optim": {"lr": -1}}), "optim.lr=-1.0"),
+    (lambda: config.resolve("cmnist", 1, "disent", {"train": {"zero_stage": 3}}),
+     "train.zero_stage=3 is not valid"),
+    (lambda: config.parse_overrides(["optim.lr"]), "is not section.key=value"),
+])
+def test_config_errors(call, message):
+    with pytest.raises(DfaError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call()
+
+
+def test_overrides_parse_yaml_scalars():
+    parsed = config.parse_overrides(["optim.lr=1e-3", "train.tensorboard=true",
+                                     "data.normalize=cifar", "train.steps=10"])
+    cfg = config.resolve("cmnist", 1, "disent", parsed)
+    assert (cfg.optim.lr, cfg.train.tensorboard, cfg.data.normalize, cfg.train.steps) == \
+        (1e-3, True, "cifar", 10)
