@@ -64,7 +64,7 @@ class DataConfig:
 class ModelConfig:
     """The encoders (METHOD.md section 2)."""
     arch: str = "mlp"             # mlp (Colored MNIST) | resnet18
-    input_scale: float = 1.0      # multiplies the input; 1/255 reproduces the reference MLP quirk
+    input_scale: float = 1.0      # multiplies the [0, 1] pixels; 1/255 reproduces the reference MLP
     stem: str = "imagenet"        # resnet18 stem: imagenet (7x7 + max-pool, published) | cifar (3x3)
 
     def __post_init__(self):

@@ -125,4 +125,7 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.optim.lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=schedule, config=ds_config)
+    if engine.dp_world_size == 1 and cfg.train.zero_stage == 0:
+        # Nothing to average over one rank: skip the flatten/all-reduce/unflatten of every step.
+        engine.enable_backward_allreduce = False
     return engine

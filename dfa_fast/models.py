@@ -15,21 +15,25 @@ MNIST_INPUT = 3 * 28 * 28
 
 
 class MLPEncoder(nn.Module):
-    """2352 -> 100 -> 100 -> 16 with ReLU after each layer; input flattened and multiplied by
-    ``input_scale`` (1/255 reproduces the reference's doubly scaled pixels)."""
+    """2352 -> 100 -> 100 -> 16 with ReLU after each layer, on the input flattened in (H, W, C)
+    order: free for the channels-last batches the loader makes. (The reference flattens (C, H, W);
+    with i.i.d. initialisation a fixed permutation of the inputs is the same model.)
+
+    The reference's doubly scaled pixels ([0, 1/255]) are ``model.input_scale``, applied once per
+    batch by the data transform rather than by each encoder.
+    """
 
     feature_dim = 16
 
-    def __init__(self, input_scale: float = 1.0):
+    def __init__(self):
         super().__init__()
-        self.input_scale = input_scale
         self.layers = nn.Sequential(nn.Linear(MNIST_INPUT, 100), nn.ReLU(),
                                     nn.Linear(100, 100), nn.ReLU(),
                                     nn.Linear(100, 16), nn.ReLU())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the (B, 16) features of a (B, 3, 28, 28) batch."""
-        return self.layers(x.flatten(1) * self.input_scale)
+        return self.layers(x.permute(0, 2, 3, 1).flatten(1))
 
 
 class BasicBlock(nn.Module):
@@ -96,7 +100,7 @@ class ResNet18Encoder(nn.Module):
 def build_encoder(cfg: ModelConfig) -> nn.Module:
     """Return a fresh encoder of the configured architecture."""
     if cfg.arch == "mlp":
-        return MLPEncoder(cfg.input_scale)
+        return MLPEncoder()
     return ResNet18Encoder(cfg.stem)
 
 

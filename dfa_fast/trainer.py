@@ -74,8 +74,9 @@ def build_transform(cfg: RunConfig) -> ImageTransform:
     """Return the on-device image preparation of the config (augmentation in training only)."""
     d = cfg.data
     normal = (CIFAR_MEAN, CIFAR_STD) if d.normalize == "cifar" else (None, None)
-    return ImageTransform(*normal, resize=d.resize or None, crop_padding=d.crop_padding,
-                          flip=d.flip, channels_last=d.channels_last)
+    return ImageTransform(cfg.model.input_scale / 255.0, *normal, resize=d.resize or None,
+                          crop_padding=d.crop_padding, flip=d.flip,
+                          channels_last=d.channels_last)
 
 
 def environment_info(device: torch.device) -> dict:

@@ -21,13 +21,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import warnings
-
 import torch
 import torch.nn.functional as F
-
-# index_reduce_ is stable in practice; its "beta" notice would be printed by every run.
-warnings.filterwarnings("ignore", message="index_reduce\\(\\) is in beta")
 
 # Added to the denominator of the relative difficulty, as in the reference implementation.
 WEIGHT_EPS = 1e-8
@@ -61,14 +56,13 @@ def gce(logits: torch.Tensor, target: torch.Tensor, q: float = 0.7,
 def ema_update_(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor, index: torch.Tensor,
                 loss_i: torch.Tensor, loss_b: torch.Tensor, alpha: float) -> None:
     """Update both per-sample loss EMAs and the seen flags in place at ``index``; returns None."""
+    ones = torch.ones_like(index, dtype=torch.float32)
+    count = torch.zeros_like(ema_i).index_add_(0, index, ones)[index]
+    was_seen = seen[index]
     for ema, loss in ((ema_i, loss_i), (ema_b, loss_b)):
-        # Mean of the losses of duplicated indices; an uninitialised scratch buffer is enough
-        # because only the entries at `index` are read back.
-        scratch = torch.empty_like(ema)
-        scratch.index_reduce_(0, index, loss.detach().float(), "mean", include_self=False)
-        value = scratch[index]
-        old = ema[index]
-        ema[index] = torch.where(seen[index], alpha * old + (1.0 - alpha) * value, value)
+        # The mean of the losses of duplicated indices (sum / count; exact for unique ones).
+        value = torch.zeros_like(ema).index_add_(0, index, loss.detach().float())[index] / count
+        ema[index] = torch.where(was_seen, alpha * ema[index] + (1.0 - alpha) * value, value)
     seen[index] = True
 
 

@@ -144,7 +144,7 @@ def test_flip_only_mirrors_about_half():
 
 def test_image_transform_normalises_resizes_and_augments():
     images = torch.randint(0, 256, (8, 200, 200, 3), dtype=torch.uint8)
-    faces = ImageTransform(CIFAR_MEAN, CIFAR_STD, resize=224, crop_padding=4, flip=True,
+    faces = ImageTransform(mean=CIFAR_MEAN, std=CIFAR_STD, resize=224, crop_padding=4, flip=True,
                            channels_last=True)
     generator = torch.Generator().manual_seed(0)
     train_a, train_b = faces(images, True, generator), faces(images, True, generator)
@@ -152,7 +152,7 @@ def test_image_transform_normalises_resizes_and_augments():
     assert train_a.is_contiguous(memory_format=torch.channels_last)
     assert not torch.equal(train_a, train_b)
     assert torch.equal(faces(images, False), faces(images, False))  # no augmentation in eval
-    plain = ImageTransform(CIFAR_MEAN, CIFAR_STD)(images[:, :32, :32], False)
+    plain = ImageTransform(mean=CIFAR_MEAN, std=CIFAR_STD)(images[:, :32, :32], False)
     expected = (images[:, :32, :32].permute(0, 3, 1, 2).float() / 255
                 - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     assert torch.allclose(plain, expected, atol=1e-6)

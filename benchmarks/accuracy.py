@@ -1,0 +1,90 @@
+"""Accuracy grid: data set x ratio x method x seed from the published presets, run as parallel
+single-threaded processes (up to the usable cores), then aggregated against the published numbers.
+
+    python benchmarks/accuracy.py --dataset cmnist --data data/cmnist --seeds 0,1,2
+
+Each run lives in RUNS/<dataset>/<ratio>pct/<method>/seed<S>; finished runs are reused and
+interrupted ones resumed, so the grid can be extended (more seeds) or continued at any time.
+Writes benchmarks/results/accuracy-<dataset>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import write_results  # noqa: E402
+
+from dfa_fast.config import load_preset  # noqa: E402
+from dfa_fast.report import aggregate, find_summaries, markdown_table  # noqa: E402
+
+
+def run_command(args, ratio: str, method: str, seed: int, run_dir: Path) -> list[str]:
+    """Return the `dfa-fast train` command of one grid cell (a resume if it was interrupted)."""
+    common = ["--set", "train.progress=false", "--set", "train.threads=1"]
+    if (run_dir / "checkpoints" / "latest.json").is_file():
+        return [sys.executable, "-m", "dfa_fast", "train", "--resume", str(run_dir), *common]
+    command = [sys.executable, "-m", "dfa_fast", "train", "--preset", args.dataset, "--ratio",
+               ratio, "--method", method, "--data", str(args.data), "--out", str(run_dir),
+               "--seed", str(seed), *common]
+    if args.steps:
+        command += ["--steps", str(args.steps)]
+    return command
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="cmnist")
+    parser.add_argument("--data", type=Path, required=True, help="prepared data (all ratios)")
+    parser.add_argument("--ratios", help="comma-separated percentages (default: the preset's)")
+    parser.add_argument("--methods", default="vanilla,lff,disent")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--steps", type=int, help="override the preset's steps (not published)")
+    parser.add_argument("--runs", type=Path, default=Path("runs/accuracy"))
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    ratios = args.ratios.split(",") if args.ratios else list(load_preset(args.dataset)["ratios"])
+    cells = [(r, m, int(s)) for s in args.seeds.split(",") for r in ratios
+             for m in args.methods.split(",")]
+    root = args.runs / args.dataset
+    pending = [c for c in cells
+               if not (root / f"{c[0]}pct" / c[1] / f"seed{c[2]}" / "summary.json").is_file()]
+    running: list[tuple[subprocess.Popen, tuple]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    while (pending or running) and not args.report_only:
+        while pending and len(running) < args.jobs:
+            ratio, method, seed = cell = pending.pop(0)
+            run_dir = root / f"{ratio}pct" / method / f"seed{seed}"
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            log = open(run_dir.parent / f"seed{seed}.log", "a")
+            print(f"start {cell}", flush=True)
+            running.append((subprocess.Popen(run_command(args, ratio, method, seed, run_dir),
+                                             stdout=log, stderr=subprocess.STDOUT, env=env), cell))
+        time.sleep(5)
+        for process, cell in list(running):
+            if process.poll() is not None:
+                running.remove((process, cell))
+                print(f"done {cell} exit {process.returncode}", flush=True)
+    wanted = {(float(r), m, s) for r, m, s in cells}
+    summaries = [s for s in find_summaries([root])
+                 if (float(s["ratio_pct"]), s["method"], s["seed"]) in wanted]
+    rows = aggregate(summaries)
+    table = markdown_table(rows)
+    steps = sorted({s for row in rows for s in row["steps"]})
+    table += (f"\n\nTest {rows[0]['report_metric'] if rows else ''} accuracy (%), mean ± std over "
+              f"seeds; {steps} steps; valid-selected = the checkpoint with the best valid "
+              "unbiased accuracy (our headline), paper protocol = the best test accuracy over "
+              "the evaluations every 500 steps (selection on test, as published), final = the "
+              "last step. LfF uses the benchmark's lr, batch and steps with EMA alpha 0.7 and "
+              "q 0.7, no LR decay. One thread per run, runs in parallel up to the cores.")
+    write_results(f"accuracy-{args.dataset}", {"rows": rows, "dataset": args.dataset}, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
