@@ -7,14 +7,19 @@ with a Python loop over classes, draws the swap permutation with NumPy and calls
 losses every step. dfa-fast runs its real trainer (FFCV, DeepSpeed engine, device-side EMA).
 
     python benchmarks/train_throughput.py --data data/cmnist/1pct [--full-run-summary RUN/summary.json]
+    python benchmarks/train_throughput.py --device cuda --json OUT/train_throughput_gpu.json
 
-Writes benchmarks/results/train_throughput.{json,md}. ``full_run_seconds`` is the wall time of a
-whole published run (50,000 steps, 101 evaluations) taken from that run's summary.json.
+Writes benchmarks/results/train_throughput.{json,md} (or ``--json PATH``). ``full_run_seconds`` is
+the wall time of a whole published run (50,000 steps, 101 evaluations) taken from that run's
+summary.json. On a GPU (``--device cuda``) it times dfa-fast with the Triton kernels and with the
+PyTorch reference ops (``DFA_KERNELS=torch``); the naive loop is a CPU baseline only. Without a
+prepared ``--data`` folder it builds Colored MNIST 1% from the embedded MNIST files first.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -134,13 +139,13 @@ def run_naive(root: Path, labels: torch.Tensor, steps: int, warmup: int) -> floa
 
 
 # ---------------------------------------------------------------------------------- dfa-fast
-def run_dfa_fast(data: Path, steps: int) -> dict:
+def run_dfa_fast(data: Path, steps: int, device: str = "cpu") -> dict:
     """Return dfa-fast's images/s: the median of log windows after the first, swap on."""
     from dfa_fast import config
     from dfa_fast.trainer import Trainer
     cfg = config.resolve("cmnist", 1, "disent", {
         "data": {"path": str(data)},
-        "train": {"steps": steps, "eval_every": 10 ** 9, "log_every": 250,
+        "train": {"steps": steps, "eval_every": 10 ** 9, "log_every": 250, "device": device,
                   "ckpt_every": 10 ** 9, "progress": False, "threads": 1},
         "method": {"swap_start": 0}})
     with tempfile.TemporaryDirectory() as run_dir:
@@ -153,6 +158,31 @@ def run_dfa_fast(data: Path, steps: int) -> dict:
             "data_share": statistics.median(l["data_share"] for l in windows)}
 
 
+def prepared(data: Path, scratch: Path) -> Path:
+    """Return ``data`` if it holds a prepared split, else build Colored MNIST 1% under ``scratch``."""
+    if (data / "train.beton").is_file():
+        return data
+    from dfa_fast.data.cmnist import build_cmnist
+    repo = Path(__file__).resolve().parents[1]
+    build_cmnist(repo / "data" / "mnist", scratch, [0.01], progress=False)
+    return scratch / "1pct"
+
+
+def gpu(args) -> None:
+    """Time the GPU step with the Triton kernels and with the PyTorch reference ops."""
+    import torch
+    with tempfile.TemporaryDirectory() as scratch:
+        data = prepared(args.data, Path(scratch))
+        result = {"gpu": torch.cuda.get_device_name(0)}
+        for backend in ("triton", "torch"):
+            os.environ["DFA_KERNELS"] = backend
+            result[f"dfa_fast_{backend}"] = run_dfa_fast(data, args.steps, "cuda")
+    result["kernels_speedup"] = (result["dfa_fast_triton"]["images_per_s"]
+                                 / result["dfa_fast_torch"]["images_per_s"])
+    args.json.write_text(json.dumps({"cmnist_disent_gpu": result}, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/cmnist/1pct"),
@@ -161,14 +191,21 @@ def main() -> None:
     parser.add_argument("--naive-steps", type=int, default=150)
     parser.add_argument("--full-run-summary", type=Path,
                         help="summary.json of a full 50,000-step DisEnt preset run")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--json", type=Path, help="write the JSON here (GPU kit) instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.device == "cuda":
+        if args.json is None:
+            parser.error("--device cuda needs --json PATH")
+        return gpu(args)
     from dfa_fast.data.beton import read_int_field
-    labels = torch.from_numpy(read_int_field(args.data / "train.beton", "label").copy())
-    ours = run_dfa_fast(args.data, args.steps)
-    with tempfile.TemporaryDirectory() as pngs:
-        export_pngs(args.data / "train.beton", Path(pngs))
-        naive = run_naive(Path(pngs), labels, args.naive_steps, warmup=20)
+    with tempfile.TemporaryDirectory() as scratch:
+        data = prepared(args.data, Path(scratch) / "cmnist")
+        labels = torch.from_numpy(read_int_field(data / "train.beton", "label").copy())
+        ours = run_dfa_fast(data, args.steps)
+        export_pngs(data / "train.beton", Path(scratch) / "png")
+        naive = run_naive(Path(scratch) / "png", labels, args.naive_steps, warmup=20)
     result = {"dfa_fast_images_per_s": ours["images_per_s"], "naive_images_per_s": naive,
               "speedup": ours["images_per_s"] / naive, "dfa_fast_step_ms": ours["step_ms"],
               "dfa_fast_data_share": ours["data_share"],
@@ -188,7 +225,11 @@ def main() -> None:
              f"Speed-up {result['speedup']:.1f}x; full published run (50,000 steps, 101 "
              f"evaluations): {full}. One torch thread per process (`torch.set_num_threads(1)`); "
              "each loader has one worker.")
-    write_results("train_throughput", {"cmnist_disent": result, "threads": 1}, table)
+    payload = {"cmnist_disent": result, "threads": 1}
+    if args.json:
+        args.json.write_text(json.dumps(payload, indent=1) + "\n")
+    else:
+        write_results("train_throughput", payload, table)
     print(table)
 
 

@@ -41,6 +41,9 @@ def _add_valid(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every sub-command."""
     parser = argparse.ArgumentParser(prog="dfa-fast", description=__doc__.split("\n\n")[0])
+    # The deepspeed launcher inserts --local_rank=N right after the module name (before the
+    # sub-command); LOCAL_RANK in the environment says the same, so it is accepted and ignored.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     prepare = commands.add_parser("prepare", help="build biased splits as FFCV .beton files")
@@ -96,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="resume even if the config differs from the saved one")
     train.add_argument("--deepspeed_config", type=Path,
                        help="a DeepSpeed JSON config (checked against the run config)")
-    # The deepspeed launcher appends --local_rank; LOCAL_RANK in the environment says the same.
-    train.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
 
     ev = commands.add_parser("eval", help="evaluate a run's checkpoint")
     ev.add_argument("run_dir", type=Path)

@@ -123,12 +123,15 @@ def disent_head(z_i: torch.Tensor, z_b: torch.Tensor,
                 perm: Optional[torch.Tensor], *,
                 lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
                 q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
-                gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                gather: Gather = None,
+                swap_source: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return the DisEnt loss (scalar) and detached statistics for one step (METHOD.md section 4).
 
     ``weight_*``/``bias_*`` are the two linear classifiers over 2D features (intrinsic, bias);
     ``perm`` is the device permutation of the batch, or None before swapping starts. Updates the EMA
-    buffers in place.
+    buffers in place. ``swap_source`` = (bias features, labels) whose rows ``perm`` picks for the
+    swap; by default this batch's (z_b, label), under data parallelism the whole global batch's.
     """
     x_i, x_b = permute_concat(z_i, z_b)
     logits_i = F.linear(x_i, weight_i, bias_i)
@@ -142,10 +145,11 @@ def disent_head(z_i: torch.Tensor, z_b: torch.Tensor,
              "loss_dis": loss_dis.detach()}
     loss = loss_dis
     if perm is not None:
-        xs_i, xs_b = permute_concat(z_i, z_b, perm)
+        source_z, source_label = swap_source if swap_source is not None else (z_b, label)
+        xs_i, xs_b = permute_concat(z_i, source_z[perm])
         loss_swap = (weighted_cross_entropy(F.linear(xs_i, weight_i, bias_i), label, w)
-                     + lambda_swap_b * gce(F.linear(xs_b, weight_b, bias_b), label[perm], q,
-                                           gce_form).mean())
+                     + lambda_swap_b * gce(F.linear(xs_b, weight_b, bias_b), source_label[perm],
+                                           q, gce_form).mean())
         loss = loss_dis + lambda_swap * loss_swap
         stats["loss_swap"] = loss_swap.detach()
     return loss, stats

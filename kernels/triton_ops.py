@@ -1,0 +1,36 @@
+"""The Triton implementations of the DisEnt/LfF loss operations, as `dfa_fast.ops` calls them.
+
+Same names, signatures, return values and in-place EMA updates as `kernels/reference.py`; the tests
+compare the two. Launches per call (forward / backward):
+
+| operation | forward | backward |
+| --- | --- | --- |
+| cross_entropy, gce | 1 | 1 |
+| weighted_cross_entropy | 1 (2 beyond 256 rows at <= 16 classes: a zeroed scalar) | 1 |
+| sample_weights | 3 (scatter, EMA apply + class max, weights) | - |
+| permute_concat | 1 | 1 |
+| lff_head | 3 (4 with ``gather``) | 1 |
+| disent_head | 3 (4 with ``gather``) | 1 (2 above 2048 rows) |
+
+None of them synchronises with the host, so a training step built on them can be captured by CUDA
+graphs (the EMA scratch is allocated on the first call: make it a warm-up step).
+
+A swap across data-parallel ranks (``disent_head(..., swap_source=...)``, whose permutation picks
+rows of the whole global batch) runs the PyTorch reference: the fused head permutes within its own
+rows only.
+"""
+from . import head as _head
+from . import reference as _reference
+from .gce import cross_entropy, gce
+from .permute_concat import permute_concat
+from .weighting import lff_head, sample_weights, weighted_cross_entropy
+
+
+def disent_head(*args, swap_source=None, **kwargs):
+    """The fused DisEnt head (`head.disent_head`); the reference when ``swap_source`` is given."""
+    if swap_source is not None:
+        return _reference.disent_head(*args, swap_source=swap_source, **kwargs)
+    return _head.disent_head(*args, **kwargs)
+
+__all__ = ["cross_entropy", "gce", "sample_weights", "weighted_cross_entropy", "permute_concat",
+           "disent_head", "lff_head"]
