@@ -253,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             run_report(args)
     except DfaError as err:
-        print(f"dfa-fast: error: {err}", file=sys.stderr)
+        import os
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        where = f" (rank {os.environ.get('RANK', 0)} of {world})" if world > 1 else ""
+        print(f"dfa-fast: error{where}: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dfa-fast: interrupted", file=sys.stderr)

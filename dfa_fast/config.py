@@ -136,11 +136,13 @@ class TrainConfig:
     zero_stage: int = 0           # DeepSpeed ZeRO stage 0, 1 or 2
     grad_accum: int = 1           # micro-batches per optimizer step and rank
     report_metric: str = "unbiased"  # test metric of the tables: unbiased | conflicting (BFFHQ)
+    dist_timeout_s: int = 300     # a collective waiting longer fails (a rank died): no hang
     tensorboard: bool = False
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "eval_every", "log_every", "ckpt_every", "threads", "grad_accum"):
+        for name in ("steps", "eval_every", "log_every", "ckpt_every", "threads", "grad_accum",
+                     "dist_timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))

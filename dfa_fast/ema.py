@@ -2,8 +2,8 @@
 
 Two float buffers (the intrinsic/debiased and the bias branch's loss EMA), one "seen" flag and the
 label of every training sample. The update and the weights are computed by `dfa_fast.ops`. Under data
-parallelism `gather` all-gathers (index, ce_i, ce_b) of every rank's part of the batch, so every
-rank applies the identical update and the buffers stay equal to a single process's.
+parallelism `gather` is `distributed.all_gather_batch`, so every rank applies the identical update
+and the buffers stay equal to a single process's.
 """
 from __future__ import annotations
 
@@ -35,14 +35,3 @@ class SampleLossEMA:
         for name in ("ema_i", "ema_b", "seen"):
             getattr(self, name).copy_(state[name])
 
-
-def all_gather_batch(index: torch.Tensor, ce_i: torch.Tensor,
-                     ce_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Return (index, ce_i, ce_b) of all ranks' batches concatenated in rank order."""
-    import torch.distributed as dist
-    world = dist.get_world_size()
-    values = torch.stack([index.to(torch.float64), ce_i.double(), ce_b.double()])
-    gathered = torch.empty((world, *values.shape), dtype=values.dtype, device=values.device)
-    dist.all_gather_into_tensor(gathered, values)
-    merged = gathered.permute(1, 0, 2).reshape(3, -1)
-    return merged[0].to(torch.int64), merged[1].float(), merged[2].float()

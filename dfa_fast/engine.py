@@ -118,7 +118,12 @@ def load_ds_config(path: Optional[Path], cfg: RunConfig, world: int) -> dict:
 
 def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
     """Return the DeepSpeed engine of ``model`` with Adam and the run's LR schedule."""
+    from datetime import timedelta
+
     import deepspeed
+    if not torch.distributed.is_initialized():
+        # A bounded timeout: if a rank dies, the others' collectives fail instead of waiting.
+        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
     # fused: one pass over each parameter for the whole update (CPU and CUDA kernels).
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
                                  weight_decay=cfg.optim.weight_decay, fused=True)

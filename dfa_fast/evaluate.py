@@ -15,7 +15,8 @@ METRICS = ("accuracy", "unbiased", "aligned", "conflicting", "worst_group")
 @torch.no_grad()
 def count_matrices(method, loader, num_classes: int,
                    num_biases: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (correct, total), each (num_classes, num_biases) int64, summed over all ranks."""
+    """Return (correct, total), each (num_classes, num_biases) int64, summed over the ranks when
+    the loader is sharded across them."""
     device = method.device
     correct = torch.zeros(num_classes * num_biases, dtype=torch.int64, device=device)
     total = torch.zeros_like(correct)
@@ -29,7 +30,7 @@ def count_matrices(method, loader, num_classes: int,
             total.index_add_(0, cell, torch.ones_like(hit))
     finally:
         method.model.train(was_training)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if getattr(loader, "sharded", False):
         both = torch.stack([correct, total])
         torch.distributed.all_reduce(both)
         correct, total = both

@@ -12,6 +12,7 @@ from torch import nn
 
 from dfa_fast import ops
 from dfa_fast.config import RunConfig
+from dfa_fast.distributed import global_swap, rank_and_world
 from dfa_fast.data.loaders import Batch
 from dfa_fast.ema import SampleLossEMA
 from dfa_fast.models import Classifier, DisEntModel, LfFModel
@@ -114,14 +115,18 @@ class DisEnt(_EMAMethod):
     def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         m, model, ema = self.cfg.method, self.model, self.ema
         z_i, z_b = model.features(batch.image.to(self.dtype))
-        perm = None
+        perm, source = None, {}
         if step > m.swap_start:
-            perm = torch.randperm(len(batch), device=self.device, generator=self.generator)
+            if rank_and_world()[1] > 1:  # swap across the whole global batch
+                perm, swap_source = global_swap(z_b, batch.label, self.generator)
+                source = {"swap_source": swap_source}
+            else:
+                perm = torch.randperm(len(batch), device=self.device, generator=self.generator)
         return ops.disent_head(z_i, z_b, model.fc_i.weight, model.fc_i.bias, model.fc_b.weight,
                                model.fc_b.bias, batch.label, batch.index, ema.ema_i, ema.ema_b,
                                ema.seen, ema.labels, self.num_classes, perm,
                                lambda_dis=m.lambda_dis, lambda_swap_b=m.lambda_swap_b,
-                               lambda_swap=m.lambda_swap, **self._loss_kwargs())
+                               lambda_swap=m.lambda_swap, **self._loss_kwargs(), **source)
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state()}

@@ -31,7 +31,7 @@ from dfa_fast.data.augment import CIFAR_MEAN, CIFAR_STD, ImageTransform
 from dfa_fast.data.beton import load_sidecar, read_int_field, write_json_atomic
 from dfa_fast.data.loaders import make_eval_loader, make_train_loader
 from dfa_fast.data.splits import ratio_tag
-from dfa_fast.ema import all_gather_batch
+from dfa_fast.distributed import all_gather_batch, average_over_ranks, rank_and_world
 from dfa_fast.engine import (initialize, load_ds_config, prepare_environment, resolve_device,
                              world_size)
 from dfa_fast.errors import DfaError
@@ -130,24 +130,22 @@ class Record:
         self.selected, self.paper, self.final = state["selected"], state["paper"], state["final"]
 
 
-def _rng_state(generator: Optional[torch.Generator]) -> dict:
+def _rng_state() -> dict:
+    # The step draws only from the method's own generator (saved with the method) and from
+    # per-sample hashes (augmentation); the global generators are saved for user code.
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if generator is not None:
-        state["augment"] = generator.get_state()
     return state
 
 
-def _set_rng_state(state: dict, generator: Optional[torch.Generator]) -> None:
+def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None and "augment" in state:
-        generator.set_state(state["augment"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 class Checkpoints:
@@ -214,9 +212,6 @@ class Trainer:
             torch.cuda.set_device(self.device)
         prepare_environment(self.device)
         self.metas = check_data(cfg)
-        self.world = world_size()
-        self.rank = int(os.environ.get("RANK", 0))
-        self.is_main = self.rank == 0
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
             seed_fn(t.seed)
 
@@ -226,20 +221,19 @@ class Trainer:
         folder = Path(cfg.data.path)
         self.method.attach(torch.from_numpy(read_int_field(folder / "train.beton", "label").copy()))
         self.engine = initialize(self.method.model, cfg, load_ds_config(ds_config, cfg,
-                                                                        self.world))
+                                                                        world_size()))
+        self.rank, self.world = rank_and_world()
+        self.is_main = self.rank == 0
         self.method.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision,
                                                                                  torch.float32)
         if self.world > 1 and self.method.ema is not None:
             self.method.ema.gather = all_gather_batch
 
         transform = build_transform(cfg)
-        self.augment_generator = torch.Generator(device=self.device)
-        self.augment_generator.manual_seed(t.seed + 2 + 1000 * self.rank)
         micro = cfg.data.batch_size // (self.world * t.grad_accum)
         self.train_loader = make_train_loader(folder / "train.beton", micro, seed=t.seed,
                                               device=self.device, order=cfg.data.order,
                                               distributed=self.world > 1, transform=transform,
-                                              generator=self.augment_generator,
                                               num_workers=cfg.data.num_workers)
         self.eval_loaders = {
             name: make_eval_loader(folder / f"{split}.beton", cfg.data.eval_batch_size,
@@ -280,7 +274,7 @@ class Trainer:
         self.start_step = client["step"]
         self.method.load_state_dict(client["method"])
         self.train_loader.load_state_dict(client["loader"])
-        _set_rng_state(client["rng"], self.augment_generator)
+        _set_rng_state(client["rng"])
         self.record.load_state_dict(client["record"])
         self.wall_before = client.get("wall_seconds", 0.0)
         self.stat_sums = {k: v.to(self.device) for k, v in client["stat_sums"].items()}
@@ -296,7 +290,7 @@ class Trainer:
     def _client_state(self, step: int, wall: float) -> dict:
         return {"step": step, "method": self.method.state_dict(),
                 "loader": self.train_loader.state_dict(),
-                "rng": _rng_state(self.augment_generator), "record": self.record.state_dict(),
+                "rng": _rng_state(), "record": self.record.state_dict(),
                 "wall_seconds": wall, "stat_count": self.stat_count,
                 "stat_sums": {k: v.cpu() for k, v in self.stat_sums.items()}}
 
@@ -379,7 +373,13 @@ class Trainer:
         self.checkpoints.save(self.engine, name, done, self._client_state(done, wall))
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
-        bad = int(first_bad)
+        # The earliest bad step over all ranks, so that every rank stops together.
+        never = torch.iinfo(torch.int64).max
+        bad = torch.where(first_bad < 0, never, first_bad)
+        if self.world > 1:
+            bad = bad.clone()
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        bad = int(bad) if int(bad) != never else -1
         if bad >= 0:
             last = self.checkpoints.pointer("latest")
             kept = f"the last good checkpoint is step {last['step']}" if last else \
@@ -394,8 +394,10 @@ class Trainer:
         self._check_finite(first_bad)
         elapsed = time.perf_counter() - window["start"] - window["eval"]
         steps = max(window["steps"], 1)
-        entry = {"kind": "train", "step": step,
-                 **{k: float(v) / self.stat_count for k, v in self.stat_sums.items()},
+        names = sorted(self.stat_sums)
+        means = average_over_ranks(torch.stack([self.stat_sums[k] for k in names])
+                                   / self.stat_count).tolist() if names else []
+        entry = {"kind": "train", "step": step, **dict(zip(names, means)),
                  "lr": self.engine.get_lr()[0],
                  "images_per_s": steps * self.cfg.data.batch_size / elapsed,
                  "data_share": window["data"] / elapsed,

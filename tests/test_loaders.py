@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dfa_fast.data.augment import CIFAR_MEAN, CIFAR_STD, ImageTransform, random_crop_flip
+from dfa_fast.data.augment import (CIFAR_MEAN, CIFAR_STD, ImageTransform, random_crop_flip,
+                                   sample_keys)
 from dfa_fast.data.beton import write_split
 from dfa_fast.data.loaders import make_eval_loader, make_train_loader
 from dfa_fast.errors import DfaError
@@ -122,12 +123,17 @@ def test_two_ranks_get_disjoint_halves_that_cover_the_split(split, tmp_path):
     assert first + second == list(range(N))  # evaluation shards: contiguous, no padding
 
 
-def test_crop_flip_keeps_shape_and_differs_between_batches():
+def test_crop_flip_keeps_shape_and_differs_between_epochs_not_ranks():
     x = torch.rand(16, 3, 32, 32)
-    generator = torch.Generator().manual_seed(0)
-    a = random_crop_flip(x, 4, True, generator)
-    b = random_crop_flip(x, 4, True, generator)
+    index = torch.arange(100, 116)
+    a = random_crop_flip(x, 4, True, sample_keys(0, 0, index))
+    b = random_crop_flip(x, 4, True, sample_keys(0, 1, index))  # the next epoch
     assert a.shape == b.shape == x.shape and not torch.equal(a, b)
+    # A sample's augmentation depends on (seed, epoch, index) only, not on its batch position.
+    order = torch.randperm(16)
+    again = random_crop_flip(x[order], 4, True, sample_keys(0, 0, index[order]))
+    assert torch.equal(again, a[order])
+    assert not torch.equal(random_crop_flip(x, 4, True, sample_keys(1, 0, index)), a)
     padded = torch.nn.functional.pad(x, (4,) * 4)
     for i in range(16):  # every output is a (possibly mirrored) 32x32 window of the padded image
         windows = [padded[i, :, r:r + 32, c:c + 32] for r in range(9) for c in range(9)]
@@ -136,7 +142,7 @@ def test_crop_flip_keeps_shape_and_differs_between_batches():
 
 def test_flip_only_mirrors_about_half():
     x = torch.rand(400, 3, 8, 8)
-    out = random_crop_flip(x, 0, True, torch.Generator().manual_seed(1))
+    out = random_crop_flip(x, 0, True, sample_keys(1, 0, torch.arange(400)))
     mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x)])
     kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, x)])
     assert (mirrored ^ kept).all() and 150 < int(mirrored.sum()) < 250
@@ -146,8 +152,8 @@ def test_image_transform_normalises_resizes_and_augments():
     images = torch.randint(0, 256, (8, 200, 200, 3), dtype=torch.uint8)
     faces = ImageTransform(mean=CIFAR_MEAN, std=CIFAR_STD, resize=224, crop_padding=4, flip=True,
                            channels_last=True)
-    generator = torch.Generator().manual_seed(0)
-    train_a, train_b = faces(images, True, generator), faces(images, True, generator)
+    train_a = faces(images, True, sample_keys(0, 0, torch.arange(8)))
+    train_b = faces(images, True, sample_keys(0, 1, torch.arange(8)))
     assert train_a.shape == (8, 3, 224, 224) and train_a.dtype == torch.float32
     assert train_a.is_contiguous(memory_format=torch.channels_last)
     assert not torch.equal(train_a, train_b)

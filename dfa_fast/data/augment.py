@@ -1,8 +1,10 @@
 """Batched, on-device image preparation: uint8 NHWC -> float NCHW, resize, crop+flip, normalise.
 
 The augmentations of METHOD.md section 5 (random crop with zero padding, horizontal flip; resize for
-faces) run on the whole batch at once on the batch's device, with random numbers from a device
-`torch.Generator`, so no per-image Python work and no host synchronisation.
+faces) run on the whole batch at once on the batch's device, so no per-image Python work and no host
+synchronisation. Their random numbers are a hash of (run seed, epoch, sample index): a pure function
+of the sample, not of which rank or batch position reads it, so N ranks augment exactly like one
+process and a resumed run like an uninterrupted one, with no generator state to carry.
 """
 from __future__ import annotations
 
@@ -34,8 +36,9 @@ class ImageTransform:
     _constants: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, images: torch.Tensor, train: bool,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Return the float32 NCHW batch for a uint8 (B, H, W, C) batch."""
+                 keys: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Return the float32 NCHW batch for a uint8 (B, H, W, C) batch; ``keys`` (B,) int64 seed
+        each sample's augmentation (see `sample_keys`), needed when ``train`` augments."""
         # Convert in the loader's NHWC layout (a contiguous pass; a transposing copy costs several
         # times more), then view it as NCHW: channels-last memory, no copy.
         x = images.to(torch.float32).mul_(self.scale).permute(0, 3, 1, 2)
@@ -43,7 +46,7 @@ class ImageTransform:
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.resize)
         if train and (self.crop_padding > 0 or self.flip):
-            x = random_crop_flip(x, self.crop_padding, self.flip, generator)
+            x = random_crop_flip(x, self.crop_padding, self.flip, keys)
         if self.mean is not None:
             mean, std = self._normalisation(x.device)
             x = x.sub_(mean).div_(std)
@@ -58,9 +61,31 @@ class ImageTransform:
         return self._constants[device]
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, flip: bool,
-                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Return a random HxW crop of each zero-padded image, mirrored with probability 1/2 if ``flip``.
+_MASK32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Return a 32-bit avalanche hash of int64 values in [0, 2**32) (same range), elementwise.
+
+    Products may wrap in int64; their low 32 bits, which are kept, are exact anyway.
+    """
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def sample_keys(seed: int, epoch: int, index: torch.Tensor) -> torch.Tensor:
+    """Return the augmentation key of each sample of an epoch: a hash of (seed, epoch, index)."""
+    head = mix32(torch.tensor([seed * 0x9E3779B1 + epoch], dtype=torch.int64))
+    return mix32(index.to(torch.int64) ^ head.to(index.device))
+
+
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, keys: torch.Tensor) -> torch.Tensor:
+    """Return a random HxW crop of each zero-padded image, mirrored with probability 1/2 if ``flip``;
+    the randomness of image i comes from ``keys[i]`` only.
 
     One gather does both: the crop picks rows/columns at a random offset into the padded image and
     a flip reverses the column order, so the batch is touched once.
@@ -68,11 +93,13 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool,
     b, _, h, w = x.shape
     device = x.device
     padded = F.pad(x, (padding,) * 4) if padding else x
-    offsets = torch.randint(0, 2 * padding + 1, (b, 2), device=device, generator=generator)
+    bits = mix32(keys.to(device=device, dtype=torch.int64))
+    span = 2 * padding + 1
+    offsets = torch.stack([bits % span, (bits >> 8) % span], 1)
     rows = offsets[:, :1] + torch.arange(h, device=device)
     cols = torch.arange(w, device=device).expand(b, w)
     if flip:
-        mirrored = torch.rand(b, 1, device=device, generator=generator) < 0.5
+        mirrored = ((bits >> 31) & 1).bool()[:, None]
         cols = torch.where(mirrored, w - 1 - cols, cols)
     cols = offsets[:, 1:] + cols
     batch = torch.arange(b, device=device)[:, None, None]

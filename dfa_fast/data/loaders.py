@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from dfa_fast.data.augment import ImageTransform
+from dfa_fast.data.augment import ImageTransform, sample_keys
 from dfa_fast.data.beton import load_sidecar
 from dfa_fast.errors import DfaError
 
@@ -57,14 +57,15 @@ class DeviceLoader:
     """
 
     def __init__(self, loader, meta: dict, device: torch.device,
-                 transform: Optional[ImageTransform], train: bool,
-                 generator: Optional[torch.Generator] = None):
+                 transform: Optional[ImageTransform], train: bool, seed: int = 0,
+                 sharded: bool = False):
         self.loader = loader
+        self.sharded = sharded  # this rank reads only its part: results are summed over ranks
         self.meta = meta
         self.device = device
         self.transform = transform
         self.train = train
-        self.generator = generator
+        self.seed = seed
         self.epoch = 0
         self.position = 0
 
@@ -79,7 +80,8 @@ class DeviceLoader:
         if self.transform is None:
             image = image.clone()
         else:
-            image = self.transform(image, self.train, self.generator)
+            keys = sample_keys(self.seed, self.epoch, ints[2]) if self.train else None
+            image = self.transform(image, self.train, keys)
         return Batch(image, *ints)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -142,7 +144,6 @@ def _workers(num_workers: Optional[int]) -> int:
 def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
                       device: torch.device | str = "cpu", order: str = "random",
                       distributed: bool = False, transform: Optional[ImageTransform] = None,
-                      generator: Optional[torch.Generator] = None,
                       num_workers: Optional[int] = None, os_cache: bool = True) -> DeviceLoader:
     """Return the training loader of a split: shuffled every epoch from ``seed``, drop_last."""
     from ffcv.loader import Loader, OrderOption
@@ -164,7 +165,7 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
                     order="global_shuffle" if order == "random" else OrderOption.QUASI_RANDOM,
                     distributed=distributed, seed=int(seed), drop_last=True, os_cache=os_cache,
                     pipelines=_pipelines(device))
-    return DeviceLoader(loader, meta, device, transform, train=True, generator=generator)
+    return DeviceLoader(loader, meta, device, transform, train=True, seed=int(seed))
 
 
 def make_eval_loader(path: Path | str, batch_size: int, *, device: torch.device | str = "cpu",
@@ -180,4 +181,4 @@ def make_eval_loader(path: Path | str, batch_size: int, *, device: torch.device 
     loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
                     order=OrderOption.SEQUENTIAL, indices=shard, drop_last=False,
                     os_cache=os_cache, pipelines=_pipelines(device))
-    return DeviceLoader(loader, meta, device, transform, train=False)
+    return DeviceLoader(loader, meta, device, transform, train=False, sharded=world > 1)
