@@ -39,6 +39,17 @@ def cmnist_full(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def faces_built(tmp_path_factory, data_root):
+    """BFFHQ-style faces from the real UTKFace zip at 0.5% and 2% (64 px; 100 valid and 200 test
+    faces per group)."""
+    from dfa_fast.data.faces import build_faces
+    out = tmp_path_factory.mktemp("faces")
+    build_faces(data_root / "utkface-10-29_40-59.zip", out, [0.005, 0.02], seed=0,
+                valid_per_group=100, test_per_group=200, size=64, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def mnist_small(tmp_path_factory):
     """The first 6000 train and 1000 test images of the real MNIST, as IDX files."""
     from dfa_fast.data.sources import load_mnist

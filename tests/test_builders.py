@@ -205,9 +205,8 @@ def test_cifar10c_bad_level_and_type(tmp_path, cifar_small):
 
 
 # ----------------------------------------------------------------------------------------- faces
-def test_faces_group_counts(tmp_path, data_root):
-    faces.build_faces(data_root / "utkface-10-29_40-59.zip", tmp_path, [0.005, 0.02], seed=0,
-                      valid_per_group=100, test_per_group=200, size=64, progress=False)
+def test_faces_group_counts(faces_built):
+    tmp_path = faces_built
     for tag, ratio in (("0.5pct", 0.005), ("2pct", 0.02)):
         train = np.asarray(beton.load_sidecar(tmp_path / tag / "train.beton")["counts"])
         # Every aligned face left after valid/test: young women 5132 - 300, old men 3177 - 300.
