@@ -2,43 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
 import shlex
 import sys
 from pathlib import Path
 
+from dfa_fast.environment import machine, versions
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def machine() -> dict:
-    """Return the facts about this machine that a figure depends on."""
-    facts = {"platform": platform.platform(), "machine": platform.machine(),
-             "cpus": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0))}
-    try:
-        cpu = next(l for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        facts["cpu"] = cpu.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        pass
-    try:
-        import torch
-        if torch.cuda.is_available():
-            facts["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return facts
-
-
-def versions() -> dict:
-    """Return the versions of Python and the libraries the benchmarks use."""
-    import importlib.metadata as md
-    found = {"python": platform.python_version()}
-    for name in ("torch", "triton", "deepspeed", "ffcv", "numpy", "numba", "dfa-fast"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return found
 
 
 def command() -> str:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import random
 import shutil
 import time
@@ -34,6 +32,7 @@ from dfa_fast.data.splits import ratio_tag
 from dfa_fast.distributed import all_gather_batch, average_over_ranks, rank_and_world
 from dfa_fast.engine import (initialize, load_ds_config, prepare_environment, resolve_device,
                              world_size)
+from dfa_fast.environment import machine, versions
 from dfa_fast.errors import DfaError
 from dfa_fast.evaluate import evaluate
 from dfa_fast.methods import build_method
@@ -80,25 +79,9 @@ def build_transform(cfg: RunConfig) -> ImageTransform:
 
 
 def environment_info(device: torch.device) -> dict:
-    """Return the machine and library versions a result depends on."""
-    import deepspeed
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "numpy": np.__version__,
-            "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "device": str(device)}
-    try:
-        import importlib.metadata as md
-        info.update(ffcv=md.version("ffcv"), triton=md.version("triton"))
-    except Exception:  # noqa: BLE001 - versions are informative only
-        pass
-    try:
-        cpu = next(l for l in open("/proc/cpuinfo") if l.startswith("model name"))
-        info["cpu"] = cpu.split(":", 1)[1].strip()
-    except (OSError, StopIteration):
-        pass
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+    """Return the machine, library versions and the run's device and threads."""
+    return {**machine(), **versions(), "torch_threads": torch.get_num_threads(),
+            "device": str(device)}
 
 
 class Record:

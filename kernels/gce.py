@@ -17,8 +17,9 @@ float32 PyTorch cancels (p_y -> 1, the common case of a well-fit sample) the ker
 log1p(sum of the non-max exponentials) - (x_y - max), p_y - 1 is -(sum of the other exponentials) /
 denominator, and 1 - p_y**q is -expm1(-q ce), so loss and gradient stay accurate to a few ulps.
 
-The ``@triton.jit`` helpers ``softmax_ce_rows`` and ``gce_rows`` are shared by the weighting
-(``weighting.py``) and DisEnt head (``head.py``) kernels, so the loss math lives in one place.
+The ``@triton.jit`` helpers ``row_tile``, ``load_logits_tile``, ``softmax_ce_rows`` and ``gce_rows``
+are shared by the weighting (``weighting.py``) and DisEnt head (``head.py``) kernels, so the tiling
+and the loss math live in one place.
 """
 from __future__ import annotations
 
@@ -69,6 +70,17 @@ def gce_form_code(form: str) -> int:
     if form not in GCE_FORM_CODES:
         raise ValueError(f"unknown GCE form {form!r}; expected one of {tuple(GCE_FORM_CODES)}")
     return GCE_FORM_CODES[form]
+
+
+@triton.jit
+def row_tile(B, C, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Return (rows, row_ok, cols, col_ok) of this program's [BLOCK_B rows x BLOCK_C classes] tile
+    of a (B, C) row kernel whose grid is over row blocks (axis 0)."""
+    # int64 program id: row offsets times a row stride overflow int32 beyond 2**31 elements
+    # (large B x C logits, or B x D features in the head).
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.arange(0, BLOCK_C)
+    return rows, rows < B, cols, cols < C
 
 
 @triton.jit
@@ -150,12 +162,7 @@ def _row_loss_kernel(logits_ptr, stride_row, target_ptr, weight_ptr, loss_ptr, g
                      LOSS: tl.constexpr, HAS_WEIGHT: tl.constexpr, REDUCE: tl.constexpr,
                      ATOMIC: tl.constexpr, STORE_GRAD: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
-    # int64 program id: row offsets times the row stride overflow int32 beyond 2**31 elements.
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
+    rows, row_ok, cols, col_ok = row_tile(B, C, BLOCK_B, BLOCK_C)
     target = tl.load(target_ptr + rows, mask=row_ok, other=0)
     x = load_logits_tile(logits_ptr, stride_row, rows, row_ok, cols, col_ok)
     ce, grad = softmax_ce_rows(x, cols, target)
@@ -191,11 +198,8 @@ def _scale_rows_kernel(grad_ptr, grad_out_ptr, grad_out_stride, out_ptr, R, C,
                        BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     # out[r, :] = grad_out[r * stride] * grad[r, :]: the chain rule for per-sample losses
     # (stride 1) and for a scalar loss (stride 0, one value broadcast to every row).
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < R
-    cols = tl.arange(0, BLOCK_C)
-    mask = row_ok[:, None] & (cols < C)[None, :]
+    rows, row_ok, cols, col_ok = row_tile(R, C, BLOCK_B, BLOCK_C)
+    mask = row_ok[:, None] & col_ok[None, :]
     g = tl.load(grad_out_ptr + rows * grad_out_stride, mask=row_ok, other=0.0).to(tl.float32)
     grad = tl.load(grad_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0)
     tl.store(out_ptr + rows[:, None] * C + cols[None, :],
@@ -251,11 +255,14 @@ def scale_rows(grad: torch.Tensor, grad_out: torch.Tensor, dtype: torch.dtype) -
 
 
 class RowLossFunction(torch.autograd.Function):
-    """Per-sample cross-entropy or GCE (B,) in float32, with its gradient into the logits."""
+    """Per-sample cross-entropy or GCE (B,) in float32, or with ``reduce`` the scalar mean of
+    ``weight * loss``; the gradient goes into the logits only (never into ``weight``)."""
 
     @staticmethod
-    def forward(ctx, logits, target, loss_kind, q):
-        loss, grad = row_loss_forward(logits, target, loss_kind, q,
+    def forward(ctx, logits, target, loss_kind, q, weight=None, reduce=False):
+        if weight is not None:
+            weight = weight.detach().float().contiguous()
+        loss, grad = row_loss_forward(logits, target, loss_kind, q, weight=weight, reduce=reduce,
                                       store_grad=logits.requires_grad)
         ctx.save_for_backward(grad)
         ctx.logits_dtype = logits.dtype
@@ -264,7 +271,7 @@ class RowLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return scale_rows(grad, grad_loss, ctx.logits_dtype), None, None, None
+        return scale_rows(grad, grad_loss, ctx.logits_dtype), None, None, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

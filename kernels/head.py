@@ -105,12 +105,7 @@ def _head_logits_kernel(z_i_ptr, stride_zi, z_b_ptr, stride_zb, w_i_ptr, w_b_ptr
                         DOT_PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
                         BLOCK_CMAX: tl.constexpr, BLOCK_ACC: tl.constexpr):
-    # int64 program id: row * stride exceeds int32 for large B x D.
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
+    rows, row_ok, cols, col_ok = _gce.row_tile(B, C, BLOCK_B, BLOCK_C)
     acc_ii = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)  # z_i Wi1^T
     acc_ib = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)  # z_b Wi2^T
     acc_bi = tl.zeros([BLOCK_B, BLOCK_C], tl.float32)  # z_i Wb1^T
@@ -151,7 +146,8 @@ def _head_logits_kernel(z_i_ptr, stride_zi, z_b_ptr, stride_zb, w_i_ptr, w_b_ptr
     else:
         tl.store(ce_ptr + rows, ce_i, mask=row_ok)
         tl.store(ce_ptr + B + rows, ce_b, mask=row_ok)
-    _weighting.zero_small(cmax_ptr, n_cmax, acc_ptr, n_acc, pid == 0, BLOCK_CMAX, BLOCK_ACC)
+    _weighting.zero_small(cmax_ptr, n_cmax, acc_ptr, n_acc, tl.program_id(0) == 0,
+                           BLOCK_CMAX, BLOCK_ACC)
 
 
 @triton.jit(do_not_specialize=["B", "N"])
@@ -160,11 +156,7 @@ def _head_loss_kernel(parts_ptr, bias_i_ptr, bias_b_ptr, label_ptr, index_ptr, p
                       B, C, N, num_classes, q, inv_b, lambda_dis, lambda_swap_b, lambda_swap,
                       HAS_BIAS: tl.constexpr, HAS_SWAP: tl.constexpr, GCE_FORM: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, CMAX_HALF: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
+    rows, row_ok, cols, col_ok = _gce.row_tile(B, C, BLOCK_B, BLOCK_C)
     label = tl.load(label_ptr + rows, mask=row_ok, other=0)
     index = tl.load(index_ptr + rows, mask=row_ok, other=0)
     # Relative difficulty of the sample (after this step's EMA update); 0 on masked rows.

@@ -32,12 +32,11 @@ from . import gce as _gce
 MAX_BLOCK_FEATURES = 128
 
 
-# Row and sample counts are only compared against: not specialising on them (Triton would
-# compile separate variants for 1 and for multiples of 16) keeps compiled variants few.
-@triton.jit(do_not_specialize=["B"])
-def _permute_concat_fwd_kernel(z_i_ptr, stride_i, z_b_ptr, stride_b, perm_ptr, x_i_ptr, x_b_ptr,
-                               B, D, HAS_PERM: tl.constexpr,
-                               BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit
+def _permuted_tile(perm_ptr, B, D, HAS_PERM: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Return (rows, feats, mask, pi[rows]) of this program's [BLOCK_B x BLOCK_D] tile; without a
+    permutation pi is the identity. Rows past B are masked out of every load and store."""
     # int64 ids: row * stride exceeds int32 for large B x D.
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
@@ -46,9 +45,20 @@ def _permute_concat_fwd_kernel(z_i_ptr, stride_i, z_b_ptr, stride_b, perm_ptr, x
     feats = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = row_ok[:, None] & (feats < D)[None, :]
     if HAS_PERM:
-        src = tl.load(perm_ptr + rows, mask=row_ok, other=0)
+        perm_rows = tl.load(perm_ptr + rows, mask=row_ok, other=0)
     else:
-        src = rows
+        perm_rows = rows
+    return rows, feats, mask, perm_rows
+
+
+# Row and sample counts are only compared against: not specialising on them (Triton would
+# compile separate variants for 1 and for multiples of 16) keeps compiled variants few.
+@triton.jit(do_not_specialize=["B"])
+def _permute_concat_fwd_kernel(z_i_ptr, stride_i, z_b_ptr, stride_b, perm_ptr, x_i_ptr, x_b_ptr,
+                               B, D, HAS_PERM: tl.constexpr,
+                               BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    # z_b is read at row pi[r] (a gathered load).
+    rows, feats, mask, src = _permuted_tile(perm_ptr, B, D, HAS_PERM, BLOCK_B, BLOCK_D)
     z_i = tl.load(z_i_ptr + rows[:, None] * stride_i + feats[None, :], mask=mask, other=0.0)
     z_b = tl.load(z_b_ptr + src[:, None] * stride_b + feats[None, :], mask=mask, other=0.0)
     # Both outputs are (B, 2D) contiguous: [z_i | z_b[pi]].
@@ -63,16 +73,7 @@ def _permute_concat_fwd_kernel(z_i_ptr, stride_i, z_b_ptr, stride_b, perm_ptr, x
 def _permute_concat_bwd_kernel(g_i_ptr, stride_gi, g_b_ptr, stride_gb, perm_ptr, dz_i_ptr,
                                dz_b_ptr, B, D, HAS_PERM: tl.constexpr,
                                BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_b = tl.program_id(0).to(tl.int64)
-    pid_d = tl.program_id(1).to(tl.int64)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    feats = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask = row_ok[:, None] & (feats < D)[None, :]
-    if HAS_PERM:
-        dst = tl.load(perm_ptr + rows, mask=row_ok, other=0)
-    else:
-        dst = rows
+    rows, feats, mask, dst = _permuted_tile(perm_ptr, B, D, HAS_PERM, BLOCK_B, BLOCK_D)
     # d z_i: first half of the intrinsic input's gradient (the bias input stops it).
     g_i = tl.load(g_i_ptr + rows[:, None] * stride_gi + feats[None, :], mask=mask, other=0.0)
     tl.store(dz_i_ptr + rows[:, None] * D + feats[None, :], g_i, mask=mask)

@@ -199,11 +199,7 @@ def _lff_rows_kernel(logits_d_ptr, stride_d, logits_b_ptr, stride_b, label_ptr, 
                      BLOCK_CMAX: tl.constexpr, BLOCK_ACC: tl.constexpr):
     # One pass over both models' logits: CE of f_D with its unweighted gradient (W comes after the
     # EMA update), CE of f_B for the EMA, GCE of f_B with its final gradient (1/B for the mean).
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
+    rows, row_ok, cols, col_ok = _gce.row_tile(B, C, BLOCK_B, BLOCK_C)
     label = tl.load(label_ptr + rows, mask=row_ok, other=0)
     ce_d, d_d = _gce.softmax_ce_rows(
         _gce.load_logits_tile(logits_d_ptr, stride_d, rows, row_ok, cols, col_ok), cols, label)
@@ -220,17 +216,14 @@ def _lff_rows_kernel(logits_d_ptr, stride_d, logits_b_ptr, stride_b, label_ptr, 
     if FUSED_SCATTER:
         index = tl.load(index_ptr + rows, mask=row_ok, other=0)
         scatter_losses(index, ce_d, ce_b, row_ok, sums_ptr, count_ptr, N)
-    zero_small(cmax_ptr, n_cmax, acc_ptr, n_acc, pid == 0, BLOCK_CMAX, BLOCK_ACC)
+    zero_small(cmax_ptr, n_cmax, acc_ptr, n_acc, tl.program_id(0) == 0, BLOCK_CMAX, BLOCK_ACC)
 
 
 @triton.jit(do_not_specialize=["B", "N"])
 def _lff_weights_kernel(label_ptr, index_ptr, ema_d_ptr, ema_b_ptr, cmax_ptr, rows_ptr,
                         grads_ptr, acc_ptr, B, C, N, num_classes, inv_b,
                         BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, CMAX_HALF: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    cols = tl.arange(0, BLOCK_C)
+    rows, row_ok, cols, col_ok = _gce.row_tile(B, C, BLOCK_B, BLOCK_C)
     label = tl.load(label_ptr + rows, mask=row_ok, other=0)
     index = tl.load(index_ptr + rows, mask=row_ok, other=0)
     w = relative_difficulty_rows(index, label, row_ok, ema_d_ptr, ema_b_ptr, cmax_ptr, N,
@@ -245,7 +238,7 @@ def _lff_weights_kernel(label_ptr, index_ptr, ema_d_ptr, ema_b_ptr, cmax_ptr, ro
     tl.atomic_add(acc_ptr + 2, tl.sum(gce_b, axis=0) * inv_b)
     tl.atomic_add(acc_ptr + 3, tl.sum(w, axis=0) * inv_b)
     tile = grads_ptr + rows[:, None] * C + cols[None, :]
-    tile_ok = row_ok[:, None] & (cols < C)[None, :]
+    tile_ok = row_ok[:, None] & col_ok[None, :]
     d_d = tl.load(tile, mask=tile_ok, other=0.0)
     tl.store(tile, d_d * (w * inv_b)[:, None], mask=tile_ok)
 
@@ -311,28 +304,10 @@ def sample_weights(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
     return out
 
 
-class WeightedCrossEntropyFunction(torch.autograd.Function):
-    """mean(weight * CE(logits, target)) as a scalar; gradient into the logits only."""
-
-    @staticmethod
-    def forward(ctx, logits, target, weight):
-        loss, grad = _gce.row_loss_forward(logits, target, _gce.LOSS_CE,
-                                           weight=weight.detach().float().contiguous(),
-                                           reduce=True, store_grad=logits.requires_grad)
-        ctx.save_for_backward(grad)
-        ctx.logits_dtype = logits.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return _gce.scale_rows(grad, grad_loss, ctx.logits_dtype), None, None
-
-
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
                            weight: torch.Tensor) -> torch.Tensor:
     """Return mean(weight * CE(logits, target)), a scalar; no gradient flows into ``weight``."""
-    return WeightedCrossEntropyFunction.apply(logits, target, weight)
+    return _gce.RowLossFunction.apply(logits, target, _gce.LOSS_CE, 0.0, weight, True)
 
 
 class LffHeadFunction(torch.autograd.Function):
