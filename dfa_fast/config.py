@@ -132,6 +132,7 @@ class TrainConfig:
     ckpt_every: int = 5000        # checkpoint this often (and at the end)
     device: str = "auto"          # auto | cpu | cuda
     threads: int = 1              # torch CPU threads per process
+    flush_denormal: bool = True   # flush subnormal floats to zero on the CPU (see trainer.py)
     precision: str = "fp32"       # fp32 | bf16 | fp16 (GPU)
     zero_stage: int = 0           # DeepSpeed ZeRO stage 0, 1 or 2
     grad_accum: int = 1           # micro-batches per optimizer step and rank

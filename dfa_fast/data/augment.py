@@ -39,9 +39,9 @@ class ImageTransform:
                  keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Return the float32 NCHW batch for a uint8 (B, H, W, C) batch; ``keys`` (B,) int64 seed
         each sample's augmentation (see `sample_keys`), needed when ``train`` augments."""
-        # Convert in the loader's NHWC layout (a contiguous pass; a transposing copy costs several
+        # Convert and scale in one pass in the loader's NHWC layout (a transposing copy costs several
         # times more), then view it as NCHW: channels-last memory, no copy.
-        x = images.to(torch.float32).mul_(self.scale).permute(0, 3, 1, 2)
+        x = images.mul(self.scale).permute(0, 3, 1, 2)
         if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.resize)
