@@ -39,19 +39,24 @@ class ImageTransform:
                  keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Return the float32 NCHW batch for a uint8 (B, H, W, C) batch; ``keys`` (B,) int64 seed
         each sample's augmentation (see `sample_keys`), needed when ``train`` augments."""
-        # Convert and scale in one pass in the loader's NHWC layout (a transposing copy costs several
+        # Convert and scale in the loader's NHWC layout (a transposing copy costs several
         # times more), then view it as NCHW: channels-last memory, no copy.
-        x = images.mul(self.scale).permute(0, 3, 1, 2)
+        x = images.to(torch.float32).mul_(self.scale).permute(0, 3, 1, 2)
         if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.resize)
-        if train and (self.crop_padding > 0 or self.flip):
+        if train and self.augments:
             x = random_crop_flip(x, self.crop_padding, self.flip, keys)
         if self.mean is not None:
             mean, std = self._normalisation(x.device)
             x = x.sub_(mean).div_(std)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
+
+    @property
+    def augments(self) -> bool:
+        """Whether training batches get a random crop or flip."""
+        return self.crop_padding > 0 or self.flip
 
     def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # Made once per device: a host-to-device copy every step would stall the stream.

@@ -80,7 +80,9 @@ class DeviceLoader:
         if self.transform is None:
             image = image.clone()
         else:
-            keys = sample_keys(self.seed, self.epoch, ints[2]) if self.train else None
+            keys = None
+            if self.train and self.transform.augments:
+                keys = sample_keys(self.seed, self.epoch, ints[2])
             image = self.transform(image, self.train, keys)
         return Batch(image, *ints)
 
