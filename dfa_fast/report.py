@@ -80,8 +80,9 @@ def markdown_table(rows: list[dict]) -> str:
              "selected - paper | ratio-valid selected | published |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        def cell(name):
-            return f"{r[f'test_acc_{name}_mean']:.2f} ± {r[f'test_acc_{name}_std']:.2f}"
+        def cell(name):  # one seed has no spread to show
+            mean = f"{r[f'test_acc_{name}_mean']:.2f}"
+            return mean if r["n_seeds"] < 2 else f"{mean} ± {r[f'test_acc_{name}_std']:.2f}"
         pub = f"{r['published']:.2f}" if r["published"] is not None else "-"
         lines.append(f"| {r['dataset']} | {r['ratio_pct']:g}% | {r['method']} | {r['n_seeds']} | "
                      f"{cell('selected')} | {cell('paper_protocol')} | {cell('final')} | "
