@@ -16,7 +16,6 @@ benchmarks/results/<--name>.{json,md} (default bias-branch).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,26 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 
-def class_normalised(loss: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Each loss divided by the maximum loss of its class over the whole split."""
-    top = torch.zeros(num_classes, dtype=loss.dtype).scatter_reduce(0, label, loss, "amax")
-    return loss / top[label].clamp_min(1e-12)
-
-
 @torch.no_grad()
-def diagnose(run_dir: Path, checkpoint: str) -> dict:
+def diagnose(summary: dict, checkpoint: str) -> dict:
     """Return the training-split statistics of one run's checkpoint (see the module docstring)."""
-    from dfa_fast.data.loaders import make_eval_loader
-    from dfa_fast.trainer import Trainer, build_transform
-    trainer = Trainer(None, run_dir, resume=True, restore=False)
-    trainer.checkpoints.load(trainer.engine, checkpoint)
+    from dfa_fast.kernels.reference import relative_difficulty
+    from dfa_fast.trainer import load_run, split_loader
+    trainer = load_run(Path(summary["run_dir"]), checkpoint)
     cfg, model = trainer.cfg, trainer.method.model
-    if cfg.method.name not in ("disent", "lff"):
-        raise SystemExit(f"{run_dir}: method {cfg.method.name!r} has no bias branch; expected a "
-                         "disent or lff run")
-    loader = make_eval_loader(Path(cfg.data.path) / "train.beton", cfg.data.eval_batch_size,
-                              device=trainer.device, transform=build_transform(cfg),
-                              num_workers=cfg.data.num_workers)
+    loader = split_loader(trainer, "train")
     columns: dict[str, list[torch.Tensor]] = {}
 
     def keep(name, value):
@@ -71,11 +58,11 @@ def diagnose(run_dir: Path, checkpoint: str) -> dict:
         keep("conflicting", batch.label != batch.bias)
     data = {name: torch.cat(parts) for name, parts in columns.items()}
     label, conflicting = data.pop("label").long(), data.pop("conflicting").bool()
-    e_i = class_normalised(data.pop("loss_i"), label, trainer.num_classes)
-    e_b = class_normalised(data.pop("loss_b"), label, trainer.num_classes)
-    data["weight"] = e_b / (e_b + e_i + 1e-8)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    row = {"run": str(run_dir), "checkpoint": checkpoint, "method": cfg.method.name,
+    # W as in training, with the checkpoint's per-sample losses in place of the EMA buffers.
+    rows = torch.arange(len(label))
+    data["weight"] = relative_difficulty(data.pop("loss_i"), data.pop("loss_b"), label, rows,
+                                         label, trainer.num_classes)
+    row = {"run": summary["run_dir"], "checkpoint": checkpoint, "method": cfg.method.name,
            "ratio_pct": summary["ratio_pct"], "seed": summary["seed"],
            "input_scale": cfg.model.input_scale,
            "test_selected": summary["selected"]["test"][summary["report_metric"]],
@@ -113,15 +100,9 @@ def main() -> None:
     parser.add_argument("--name", default="bias-branch")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run_dirs = []
-    for path in args.runs:
-        found = [path] if (path / "summary.json").is_file() else \
-            sorted(p.parent for p in path.rglob("summary.json"))
-        if not found:
-            raise SystemExit(f"{path}: no finished run (summary.json) found")
-        run_dirs += [d for d in found
-                     if json.loads((d / "summary.json").read_text())["method"] != "vanilla"]
-    rows = [diagnose(d, args.checkpoint) for d in run_dirs]
+    from dfa_fast.report import find_summaries
+    rows = [diagnose(summary, args.checkpoint) for summary in find_summaries(args.runs)
+            if summary["method"] in ("disent", "lff")]  # Vanilla has no bias branch
     rows.sort(key=lambda r: (r["method"], r["input_scale"], r["ratio_pct"], r["seed"]))
     text = table(rows) + (
         "\n\nOn the training split, percent: label accuracy of the intrinsic (DisEnt C_i, LfF "

@@ -433,19 +433,26 @@ class Trainer:
         return summary
 
 
-def evaluate_run(run_dir: Path, splits: list[str], checkpoint: str = "best") -> dict:
-    """Return {split: metrics} of a run's checkpoint (``best`` or ``latest``) on prepared splits."""
+def load_run(run_dir: Path, checkpoint: str = "best") -> "Trainer":
+    """Return the trainer of a finished or interrupted run with ``checkpoint`` (best | latest) loaded."""
     trainer = Trainer(None, run_dir, resume=True, restore=False)
     trainer.checkpoints.load(trainer.engine, checkpoint)
-    cfg, results = trainer.cfg, {}
-    for split in splits:
-        loader = make_eval_loader(Path(cfg.data.path) / f"{split}.beton",
-                                  cfg.data.eval_batch_size, device=trainer.device,
-                                  distributed=trainer.world > 1, transform=build_transform(cfg),
-                                  num_workers=cfg.data.num_workers)
-        results[split] = evaluate(trainer.method, loader, trainer.num_classes,
-                                  trainer.num_biases)
-    return results
+    return trainer
+
+
+def split_loader(trainer: "Trainer", split: str):
+    """Return the sequential (sharded when distributed) loader of a prepared split of the run."""
+    cfg = trainer.cfg
+    return make_eval_loader(Path(cfg.data.path) / f"{split}.beton", cfg.data.eval_batch_size,
+                            device=trainer.device, distributed=trainer.world > 1,
+                            transform=build_transform(cfg), num_workers=cfg.data.num_workers)
+
+
+def evaluate_run(run_dir: Path, splits: list[str], checkpoint: str = "best") -> dict:
+    """Return {split: metrics} of a run's checkpoint (``best`` or ``latest``) on prepared splits."""
+    trainer = load_run(run_dir, checkpoint)
+    return {split: evaluate(trainer.method, split_loader(trainer, split), trainer.num_classes,
+                            trainer.num_biases) for split in splits}
 
 
 def headline(summary: dict) -> dict[str, float]:
