@@ -162,3 +162,34 @@ def test_image_transform_normalises_resizes_and_augments():
     expected = (images[:, :32, :32].permute(0, 3, 1, 2).float() / 255
                 - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) / torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
     assert torch.allclose(plain, expected, atol=1e-6)
+
+
+def test_cpu_loader_converts_in_its_thread_exactly_as_the_transform(split):
+    """On the CPU the uint8 -> float scaling runs in FFCV's thread: the batches must be identical to
+    the transform applied to the raw batch, for train (with crop/flip) and eval, and a batch kept
+    while later ones are drawn must not change (no aliasing of FFCV's reused buffers)."""
+    path = split[0]
+    transform = ImageTransform(scale=1 / 255 / 255, mean=CIFAR_MEAN, std=CIFAR_STD, crop_padding=4,
+                               flip=True, channels_last=True)
+    raw = list(make_train_loader(path, 50, seed=3, num_workers=1))
+    converted = make_train_loader(path, 50, seed=3, num_workers=1, transform=transform)
+    kept = list(converted)  # all batches of the epoch kept at once
+    assert len(kept) == len(raw) == N // 50
+    for got, ref in zip(kept, raw):
+        assert torch.equal(got.index, ref.index)
+        keys = sample_keys(3, 0, ref.index)
+        assert torch.equal(got.image, transform(ref.image, True, keys))
+        assert got.image.is_contiguous(memory_format=torch.channels_last)
+    plain = ImageTransform(channels_last=False)
+    for got, ref in zip(make_eval_loader(path, 64, num_workers=1, transform=plain),
+                        make_eval_loader(path, 64, num_workers=1)):
+        assert got.image.dtype == torch.float32 and got.image.is_contiguous()
+        assert torch.equal(got.image, plain(ref.image, False))
+
+
+def test_image_transform_takes_scaled_floats_and_refuses_other_dtypes():
+    images = torch.randint(0, 256, (4, 28, 28, 3), dtype=torch.uint8)
+    transform = ImageTransform(scale=0.5)
+    assert torch.equal(transform(images.float() * 0.5, False), transform(images, False))
+    with pytest.raises(TypeError, match="expected uint8"):
+        transform(images.to(torch.int32), False)

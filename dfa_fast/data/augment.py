@@ -38,10 +38,19 @@ class ImageTransform:
     def __call__(self, images: torch.Tensor, train: bool,
                  keys: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Return the float32 NCHW batch for a uint8 (B, H, W, C) batch; ``keys`` (B,) int64 seed
-        each sample's augmentation (see `sample_keys`), needed when ``train`` augments."""
+        each sample's augmentation (see `sample_keys`), needed when ``train`` augments.
+
+        A float32 batch is taken as already converted and multiplied by ``scale`` (what the CPU
+        loaders do in their own thread) and is modified in place."""
         # Convert and scale in the loader's NHWC layout (a transposing copy costs several
         # times more), then view it as NCHW: channels-last memory, no copy.
-        x = images.to(torch.float32).mul_(self.scale).permute(0, 3, 1, 2)
+        if images.dtype == torch.float32:
+            x = images.permute(0, 3, 1, 2)
+        elif images.dtype == torch.uint8:
+            x = images.to(torch.float32).mul_(self.scale).permute(0, 3, 1, 2)
+        else:
+            raise TypeError(f"image batch of dtype {images.dtype}; expected uint8 (or float32 "
+                            "already scaled)")
         if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.resize)

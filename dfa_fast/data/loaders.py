@@ -6,7 +6,10 @@ split and takes every world-th sample, so the ranks' k-th batches together hold 
 of the k-th batch of one process reading the global batch (what makes N ranks equal one process). Eval: SEQUENTIAL, every sample exactly once; under
 data parallelism each rank reads a disjoint contiguous shard (no padding duplicates), so summing the
 ranks' counts gives exactly the single-process numbers. Decoding happens in FFCV's compiled pipeline;
-the uint8 batch moves to the device asynchronously and `ImageTransform` prepares it there.
+on a GPU the uint8 batch moves to the device asynchronously and `ImageTransform` prepares it there.
+On the CPU the device is the host, so the uint8 -> float conversion and scaling (the transform's
+most expensive part there) run in FFCV's loader thread instead, ahead of the training step
+(`ScaleToFloat`); the rest of the transform (crop, flip, normalisation) still runs per batch.
 """
 from __future__ import annotations
 
@@ -126,7 +129,26 @@ def _global_shuffle_order():
     return GlobalShuffle
 
 
-def _pipelines(device: torch.device) -> dict:
+def _scale_to_float(scale: float):
+    """Return an FFCV operation that turns the uint8 image batch into ``float32 * scale`` in the
+    loader's thread, as a new tensor (so nothing aliases FFCV's reused buffers); made lazily:
+    FFCV costs seconds to import."""
+    from dataclasses import replace
+
+    from ffcv.pipeline.operation import Operation
+
+    class ScaleToFloat(Operation):
+        def generate_code(self):
+            def scale_to_float(inp, dst):
+                return inp.to(torch.float32).mul_(scale)
+            return scale_to_float
+
+        def declare_state_and_memory(self, previous_state):
+            return replace(previous_state, jit_mode=False, dtype=torch.float32), None
+    return ScaleToFloat()
+
+
+def _pipelines(device: torch.device, transform: Optional[ImageTransform] = None) -> dict:
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import SimpleRGBImageDecoder
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
@@ -134,8 +156,10 @@ def _pipelines(device: torch.device) -> dict:
     def to_device():
         return [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     ints = lambda: [IntDecoder(), ToTensor(), Squeeze()] + to_device()  # noqa: E731
-    return {"image": [SimpleRGBImageDecoder(), ToTensor()] + to_device(),
-            "label": ints(), "bias": ints(), "index": ints()}
+    image = [SimpleRGBImageDecoder(), ToTensor()] + to_device()
+    if device.type == "cpu" and transform is not None:
+        image.append(_scale_to_float(transform.scale))
+    return {"image": image, "label": ints(), "bias": ints(), "index": ints()}
 
 
 def _workers(num_workers: Optional[int]) -> int:
@@ -166,7 +190,7 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
     loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
                     order="global_shuffle" if order == "random" else OrderOption.QUASI_RANDOM,
                     distributed=distributed, seed=int(seed), drop_last=True, os_cache=os_cache,
-                    pipelines=_pipelines(device))
+                    pipelines=_pipelines(device, transform))
     return DeviceLoader(loader, meta, device, transform, train=True, seed=int(seed))
 
 
@@ -182,5 +206,5 @@ def make_eval_loader(path: Path | str, batch_size: int, *, device: torch.device 
     device = torch.device(device)
     loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
                     order=OrderOption.SEQUENTIAL, indices=shard, drop_last=False,
-                    os_cache=os_cache, pipelines=_pipelines(device))
+                    os_cache=os_cache, pipelines=_pipelines(device, transform))
     return DeviceLoader(loader, meta, device, transform, train=False, sharded=world > 1)
