@@ -87,10 +87,44 @@ class NaiveEMA:
         return self.values[torch.where(self.labels == c)[0]].max()
 
 
-def run_naive(root: Path, labels: torch.Tensor, steps: int, warmup: int) -> float:
-    """Return images/s of the naive DisEnt loop over ``steps`` timed steps."""
-    loader = torch.utils.data.DataLoader(PngFolder(root), batch_size=256, shuffle=True,
-                                         num_workers=1, drop_last=True, persistent_workers=True)
+def naive_loader(root: Path):
+    """The naive loop's input: the PNG folder through a torch DataLoader with one worker."""
+    return torch.utils.data.DataLoader(PngFolder(root), batch_size=256, shuffle=True,
+                                       num_workers=1, drop_last=True, persistent_workers=True)
+
+
+def naive_loader_rate(root: Path, batches: int, warmup: int = 5) -> float:
+    """Return images/s of the naive loop's DataLoader alone (PNG decoding in its one worker)."""
+    stream = iter(naive_loader(root))
+    for _ in range(warmup):
+        next(stream)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(stream)
+    return batches * 256 / (time.perf_counter() - start)
+
+
+def first_layer_ms(repeats: int = 20) -> float:
+    """Return the time of the DisEnt step's first-layer products alone on this core (ms): two
+    encoders' 256 x 2352 x 100 forward products and their weight gradients (the median of
+    ``repeats``), the floor under any fp32 implementation of the step."""
+    x, grad = torch.rand(256, 2352), torch.rand(256, 100)
+    weight, bias = torch.rand(100, 2352), torch.rand(100)
+    times = []
+    for _ in range(repeats + 3):
+        start = time.perf_counter()
+        for _ in range(2):
+            torch.addmm(bias, x, weight.t())
+            grad.t().mm(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times[3:])
+
+
+def run_naive(root: Path, labels: torch.Tensor, steps: int, warmup: int,
+              in_memory: bool = False) -> float:
+    """Return images/s of the naive DisEnt loop over ``steps`` timed steps; ``in_memory``: on 20
+    batches decoded beforehand and cycled, i.e. the loop's compute without its input."""
+    loader = naive_loader(root)
     model_i, model_b = naive_mlp(), naive_mlp()
     opt_i = torch.optim.Adam(model_i.parameters(), lr=1e-2)
     opt_b = torch.optim.Adam(model_b.parameters(), lr=1e-2)
@@ -102,6 +136,10 @@ def run_naive(root: Path, labels: torch.Tensor, steps: int, warmup: int) -> floa
         return ce(logits, y) * q * p_y ** q
 
     def batches():
+        if in_memory:
+            kept = [b for _, b in zip(range(20), loader)]
+            while True:
+                yield from kept
         while True:
             yield from loader
     stream = batches()
@@ -207,15 +245,25 @@ def main() -> None:
         labels = torch.from_numpy(read_int_field(data / "train.beton", "label").copy())
         export_pngs(data / "train.beton", Path(scratch) / "png")
         # Alternating rounds: this machine's speed drifts, so each figure is a median of rounds.
+        png = Path(scratch) / "png"
         rounds = [(run_dfa_fast(data, args.steps),
-                   run_naive(Path(scratch) / "png", labels, args.naive_steps, warmup=20))
+                   run_naive(png, labels, args.naive_steps, warmup=20),
+                   run_naive(png, labels, args.naive_steps, warmup=20, in_memory=True),
+                   naive_loader_rate(png, args.naive_steps // 4), first_layer_ms())
                   for _ in range(args.rounds)]
     ours = {key: statistics.median(r[0][key] for r in rounds) for key in rounds[0][0]}
-    naive = statistics.median(r[1] for r in rounds)
+    naive, naive_compute, naive_input, floor = (statistics.median(r[i] for r in rounds)
+                                                for i in (1, 2, 3, 4))
     result = {"dfa_fast_images_per_s": ours["images_per_s"], "naive_images_per_s": naive,
               "speedup": ours["images_per_s"] / naive, "dfa_fast_step_ms": ours["step_ms"],
-              "rounds": [{"dfa_fast_images_per_s": a["images_per_s"], "naive_images_per_s": b}
-                         for a, b in rounds],
+              "naive_step_ms": 256_000 / naive,
+              "naive_compute_images_per_s": naive_compute,
+              "naive_loader_images_per_s": naive_input,
+              "first_layer_ms": floor, "step_ms_needed_for_5x": 256_000 / naive / 5,
+              "rounds": [{"dfa_fast_images_per_s": r[0]["images_per_s"],
+                          "naive_images_per_s": r[1], "naive_compute_images_per_s": r[2],
+                          "naive_loader_images_per_s": r[3], "first_layer_ms": r[4]}
+                         for r in rounds],
               "dfa_fast_data_share": ours["data_share"],
               "goal": "dfa-fast at least 5x the naive loop; a full run at most 12 minutes"}
     if args.full_run_summary:
@@ -229,8 +277,15 @@ def main() -> None:
              f"| dfa-fast (FFCV + DeepSpeed engine, device EMA) | {ours['images_per_s']:.0f} | "
              f"{ours['step_ms']:.2f} |\n"
              f"| naive loop (PNG DataLoader, Python class loop, .item()) | {naive:.0f} | "
-             f"{256_000 / naive:.2f} |\n\n"
-             f"Speed-up {result['speedup']:.1f}x; full published run (50,000 steps, 101 "
+             f"{256_000 / naive:.2f} |\n"
+             f"| naive loop's compute alone (20 batches in memory) | {naive_compute:.0f} | "
+             f"{256_000 / naive_compute:.2f} |\n"
+             f"| naive loop's input alone (PNG DataLoader, 1 worker) | {naive_input:.0f} | "
+             f"{256_000 / naive_input:.2f} |\n"
+             f"| the step's first-layer products alone (2 x 256x2352x100, forward + weight "
+             f"gradient) | {256_000 / floor:.0f} | {floor:.2f} |\n\n"
+             f"Speed-up {result['speedup']:.1f}x; 5x needs a {result['step_ms_needed_for_5x']:.2f} "
+             "ms step on this machine. Full published run (50,000 steps, 101 "
              f"evaluations): {full}. Medians of {args.rounds} alternating rounds (dfa-fast "
              f"{args.steps} steps with the feature swap on, naive {args.naive_steps} steps); one "
              "torch thread per process (`torch.set_num_threads(1)`); each loader has one worker.")
