@@ -125,39 +125,42 @@ def trajectory(args, seed: int) -> list[dict]:
     return rows
 
 
+def _number(row: dict, key: str, digits: int = 1) -> str:
+    return f"{row[key]:.{digits}f}" if key in row else "-"
+
+
+_BRANCH_HEADER = ("intrinsic acc al / cf | bias acc al / cf | C_b on [0, z_b] cf | "
+                  "C_b on [z_i, 0] cf | W al / cf")
+
+
+def _branch_cells(r: dict) -> str:
+    """The columns both tables share (`_BRANCH_HEADER`), from a `branch_stats` row."""
+    return (f"{_number(r, 'intrinsic_aligned')} / {_number(r, 'intrinsic_conflicting')} | "
+            f"{_number(r, 'bias_aligned')} / {_number(r, 'bias_conflicting')} | "
+            f"{_number(r, 'bias_own_features_conflicting')} | "
+            f"{_number(r, 'bias_intrinsic_features_conflicting')} | "
+            f"{_number(r, 'weight_aligned', 3)} / {_number(r, 'weight_conflicting', 3)}")
+
+
 def table(rows: list[dict]) -> str:
-    def number(row, key, digits=1):
-        return f"{row[key]:.{digits}f}" if key in row else "-"
-    lines = ["| run | ckpt | test (selected) | intrinsic acc al / cf | bias acc al / cf | "
-             "C_b on [0, z_b] cf | C_b on [z_i, 0] cf | W al / cf |",
+    lines = [f"| run | ckpt | test (selected) | {_BRANCH_HEADER} |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(
             f"| {r['method']} {r['ratio_pct']:g}% seed {r['seed']}, input_scale "
             f"{r['input_scale']:.4g} | {r['checkpoint']} | {r['test_selected']:.2f} | "
-            f"{number(r, 'intrinsic_aligned')} / {number(r, 'intrinsic_conflicting')} | "
-            f"{number(r, 'bias_aligned')} / {number(r, 'bias_conflicting')} | "
-            f"{number(r, 'bias_own_features_conflicting')} | "
-            f"{number(r, 'bias_intrinsic_features_conflicting')} | "
-            f"{number(r, 'weight_aligned', 3)} / {number(r, 'weight_conflicting', 3)} |")
+            f"{_branch_cells(r)} |")
     return "\n".join(lines)
 
 
 def trajectory_table(rows: list[dict]) -> str:
-    def number(row, key, digits=1):
-        return f"{row[key]:.{digits}f}" if key in row else "-"
-    lines = ["| run | step | intrinsic acc al / cf | bias acc al / cf | C_b on [0, z_b] cf | "
-             "C_b on [z_i, 0] cf | W al / cf | W (EMA) al / cf |",
+    lines = [f"| run | step | {_BRANCH_HEADER} | W (EMA) al / cf |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(
             f"| {r['method']} {r['ratio_pct']:g}% seed {r['seed']} | {r['step']} | "
-            f"{number(r, 'intrinsic_aligned')} / {number(r, 'intrinsic_conflicting')} | "
-            f"{number(r, 'bias_aligned')} / {number(r, 'bias_conflicting')} | "
-            f"{number(r, 'bias_own_features_conflicting')} | "
-            f"{number(r, 'bias_intrinsic_features_conflicting')} | "
-            f"{number(r, 'weight_aligned', 3)} / {number(r, 'weight_conflicting', 3)} | "
-            f"{number(r, 'weight_ema_aligned', 3)} / {number(r, 'weight_ema_conflicting', 3)} |")
+            f"{_branch_cells(r)} | {_number(r, 'weight_ema_aligned', 3)} / "
+            f"{_number(r, 'weight_ema_conflicting', 3)} |")
     return "\n".join(lines)
 
 

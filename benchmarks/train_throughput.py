@@ -243,9 +243,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         data = prepared(args.data, Path(scratch) / "cmnist")
         labels = torch.from_numpy(read_int_field(data / "train.beton", "label").copy())
-        export_pngs(data / "train.beton", Path(scratch) / "png")
-        # Alternating rounds: this machine's speed drifts, so each figure is a median of rounds.
         png = Path(scratch) / "png"
+        export_pngs(data / "train.beton", png)
+        # Alternating rounds: this machine's speed drifts, so each figure is a median of rounds.
         rounds = [(run_dfa_fast(data, args.steps),
                    run_naive(png, labels, args.naive_steps, warmup=20),
                    run_naive(png, labels, args.naive_steps, warmup=20, in_memory=True),
