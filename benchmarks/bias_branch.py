@@ -46,9 +46,10 @@ def branch_stats(trainer, loader) -> dict:
     def keep(name, value):
         columns.setdefault(name, []).append(value.float().cpu())
     for batch in loader:
-        x, y = batch.image.to(trainer.method.dtype), batch.label
+        x, y = batch.image, batch.label
+        net = trainer.method.run_net  # the networks in the run's precision
         if cfg.method.name == "disent":
-            z_i, z_b = model.features(x)
+            z_i, z_b = net(model.features, x)
             logits_i = model.fc_i(torch.cat([z_i, z_b], 1))
             logits_b = model.fc_b(torch.cat([z_i, z_b], 1))
             keep("bias_own_features", model.fc_b(torch.cat([torch.zeros_like(z_i), z_b], 1))
@@ -56,7 +57,7 @@ def branch_stats(trainer, loader) -> dict:
             keep("bias_intrinsic_features", model.fc_b(torch.cat([z_i, torch.zeros_like(z_b)], 1))
                  .argmax(1) == y)
         else:
-            logits_i, logits_b = model.debiased(x), model.biased(x)
+            logits_i, logits_b = net(model.debiased, x), net(model.biased, x)
         keep("intrinsic", logits_i.argmax(1) == y)
         keep("bias", logits_b.argmax(1) == y)
         keep("loss_i", F.cross_entropy(logits_i.float(), y, reduction="none"))

@@ -177,14 +177,15 @@ def run_naive(root: Path, labels: torch.Tensor, steps: int, warmup: int,
 
 
 # ---------------------------------------------------------------------------------- dfa-fast
-def run_dfa_fast(data: Path, steps: int, device: str = "cpu") -> dict:
+def run_dfa_fast(data: Path, steps: int, device: str = "cpu", precision: str = "fp32") -> dict:
     """Return dfa-fast's images/s: the median of log windows after the first, swap on."""
     from dfa_fast import config
     from dfa_fast.trainer import Trainer
     cfg = config.resolve("cmnist", 1, "disent", {
         "data": {"path": str(data)},
         "train": {"steps": steps, "eval_every": 10 ** 9, "log_every": 250, "device": device,
-                  "ckpt_every": 10 ** 9, "progress": False, "threads": 1},
+                  "ckpt_every": 10 ** 9, "progress": False, "threads": 1,
+                  "precision": precision},
         "method": {"swap_start": 0}})
     with tempfile.TemporaryDirectory() as run_dir:
         Trainer(cfg, Path(run_dir) / "run").run()
@@ -231,6 +232,8 @@ def main() -> None:
                         help="alternate the two measurements this often; report the medians")
     parser.add_argument("--full-run-summary", type=Path,
                         help="summary.json of a full 50,000-step DisEnt preset run")
+    parser.add_argument("--bf16-full-run-summary", type=Path,
+                        help="summary.json of the same run with --set train.precision=bf16_mixed")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--json", type=Path, help="write the JSON here (GPU kit) instead")
     args = parser.parse_args()
@@ -245,15 +248,20 @@ def main() -> None:
         labels = torch.from_numpy(read_int_field(data / "train.beton", "label").copy())
         png = Path(scratch) / "png"
         export_pngs(data / "train.beton", png)
+        # bf16_mixed is timed only where the CPU multiplies bf16 natively (else it is emulated).
+        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
         # Alternating rounds: this machine's speed drifts, so each figure is a median of rounds.
         rounds = [(run_dfa_fast(data, args.steps),
                    run_naive(png, labels, args.naive_steps, warmup=20),
                    run_naive(png, labels, args.naive_steps, warmup=20, in_memory=True),
-                   naive_loader_rate(png, args.naive_steps // 4), first_layer_ms())
+                   naive_loader_rate(png, args.naive_steps // 4), first_layer_ms(),
+                   run_dfa_fast(data, args.steps, precision="bf16_mixed") if bf16 else None)
                   for _ in range(args.rounds)]
     ours = {key: statistics.median(r[0][key] for r in rounds) for key in rounds[0][0]}
     naive, naive_compute, naive_input, floor = (statistics.median(r[i] for r in rounds)
                                                 for i in (1, 2, 3, 4))
+    mixed = ({key: statistics.median(r[5][key] for r in rounds) for key in rounds[0][5]}
+             if bf16 else None)
     result = {"dfa_fast_images_per_s": ours["images_per_s"], "naive_images_per_s": naive,
               "speedup": ours["images_per_s"] / naive, "dfa_fast_step_ms": ours["step_ms"],
               "naive_step_ms": 256_000 / naive,
@@ -262,20 +270,33 @@ def main() -> None:
               "first_layer_ms": floor, "step_ms_needed_for_5x": 256_000 / naive / 5,
               "rounds": [{"dfa_fast_images_per_s": r[0]["images_per_s"],
                           "naive_images_per_s": r[1], "naive_compute_images_per_s": r[2],
-                          "naive_loader_images_per_s": r[3], "first_layer_ms": r[4]}
+                          "naive_loader_images_per_s": r[3], "first_layer_ms": r[4],
+                          "dfa_fast_bf16_mixed_images_per_s": r[5] and r[5]["images_per_s"]}
                          for r in rounds],
               "dfa_fast_data_share": ours["data_share"],
               "goal": "dfa-fast at least 5x the naive loop; a full run at most 12 minutes"}
-    if args.full_run_summary:
-        summary = json.loads(args.full_run_summary.read_text())
-        result.update(full_run_seconds=summary["wall_seconds"], full_run_steps=summary["steps"],
-                      full_run_summary=str(args.full_run_summary))
-    full = (f"{result['full_run_seconds'] / 60:.1f} min ({result['full_run_steps']} steps)"
-            if "full_run_seconds" in result else "not measured")
+    if mixed:  # the same step with train.precision=bf16_mixed (fp32 weights, bf16 products)
+        result.update(dfa_fast_bf16_mixed_images_per_s=mixed["images_per_s"],
+                      dfa_fast_bf16_mixed_step_ms=mixed["step_ms"],
+                      speedup_bf16_mixed=mixed["images_per_s"] / naive)
+    for prefix, path in (("", args.full_run_summary), ("bf16_mixed_", args.bf16_full_run_summary)):
+        if path:
+            summary = json.loads(path.read_text())
+            result.update({f"{prefix}full_run_seconds": summary["wall_seconds"],
+                           f"{prefix}full_run_steps": summary["steps"],
+                           f"{prefix}full_run_summary": str(path)})
+
+    def full(prefix):
+        return (f"{result[prefix + 'full_run_seconds'] / 60:.1f} min "
+                f"({result[prefix + 'full_run_steps']} steps)"
+                if prefix + "full_run_seconds" in result else "not measured")
+    mixed_row = (f"| dfa-fast, `train.precision=bf16_mixed` (bf16 products, fp32 weights and "
+                 f"losses) | {mixed['images_per_s']:.0f} | {mixed['step_ms']:.2f} |\n"
+                 if mixed else "")
     table = ("| Colored MNIST DisEnt, batch 256, 1 CPU thread | images/s | step (ms) |\n"
              "| --- | --- | --- |\n"
              f"| dfa-fast (FFCV + DeepSpeed engine, device EMA) | {ours['images_per_s']:.0f} | "
-             f"{ours['step_ms']:.2f} |\n"
+             f"{ours['step_ms']:.2f} |\n" + mixed_row +
              f"| naive loop (PNG DataLoader, Python class loop, .item()) | {naive:.0f} | "
              f"{256_000 / naive:.2f} |\n"
              f"| naive loop's compute alone (20 batches in memory) | {naive_compute:.0f} | "
@@ -284,9 +305,12 @@ def main() -> None:
              f"{256_000 / naive_input:.2f} |\n"
              f"| the step's first-layer products alone (2 x 256x2352x100, forward + weight "
              f"gradient) | {256_000 / floor:.0f} | {floor:.2f} |\n\n"
-             f"Speed-up {result['speedup']:.1f}x; 5x needs a {result['step_ms_needed_for_5x']:.2f} "
+             f"Speed-up {result['speedup']:.1f}x (fp32)"
+             + (f", {result['speedup_bf16_mixed']:.1f}x (bf16_mixed)" if mixed else
+                " (bf16_mixed not timed: no native bf16 on this CPU)")
+             + f"; 5x needs a {result['step_ms_needed_for_5x']:.2f} "
              "ms step on this machine. Full published run (50,000 steps, 101 "
-             f"evaluations): {full}. Medians of {args.rounds} alternating rounds (dfa-fast "
+             f"evaluations): {full('')} in fp32, {full('bf16_mixed_')} in bf16_mixed. Medians of {args.rounds} alternating rounds (dfa-fast "
              f"{args.steps} steps with the feature swap on, naive {args.naive_steps} steps); one "
              "torch thread per process (`torch.set_num_threads(1)`); each loader has one worker.")
     payload = {"cmnist_disent": result, "threads": 1}

@@ -122,6 +122,9 @@ class OptimConfig:
         return self.lr_gamma ** (max(0, step - self.lr_decay_start) // self.lr_decay_step)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16_mixed")
+
+
 @dataclass
 class TrainConfig:
     """The loop: length, evaluation and logging cadence, device, precision, parallelism."""
@@ -133,7 +136,9 @@ class TrainConfig:
     device: str = "auto"          # auto | cpu | cuda
     threads: int = 1              # torch CPU threads per process
     flush_denormal: bool = True   # flush subnormal floats to zero on the CPU (see trainer.py)
-    precision: str = "fp32"       # fp32 | bf16 | fp16 (GPU)
+    # fp32 | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | fp16 (GPU) | bf16_mixed (fp32
+    # weights and Adam; the networks' layers in bf16 through torch.autocast, losses in fp32)
+    precision: str = "fp32"
     zero_stage: int = 0           # DeepSpeed ZeRO stage 0, 1 or 2
     grad_accum: int = 1           # micro-batches per optimizer step and rank
     report_metric: str = "unbiased"  # test metric of the tables: unbiased | conflicting (BFFHQ)
@@ -146,7 +151,7 @@ class TrainConfig:
                      "dist_timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        _choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.zero_stage", self.zero_stage, (0, 1, 2))
         _choice("train.report_metric", self.report_metric, ("unbiased", "conflicting"))
 

@@ -18,6 +18,12 @@ from dfa_fast.ema import SampleLossEMA
 from dfa_fast.models import Classifier, DisEntModel, LfFModel
 
 
+def input_dtype(precision: str) -> torch.dtype:
+    """Return the dtype the networks take their input in under ``train.precision``."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16,
+            "bf16_mixed": torch.bfloat16}.get(precision, torch.float32)
+
+
 class Method:
     """The common interface; ``model`` is the one module that DeepSpeed wraps."""
 
@@ -29,7 +35,20 @@ class Method:
         self.device = device
         self.model = self.build_model().to(device)
         self.ema: Optional[SampleLossEMA] = None
-        self.dtype = torch.float32
+        self.dtype = input_dtype(cfg.train.precision)
+        self.mixed = cfg.train.precision == "bf16_mixed"
+
+    def run_net(self, fn, x: torch.Tensor):
+        """Return ``fn(x)`` (one output or a tuple) for a network ``fn`` in the run's precision:
+        the input in `dtype`; under ``bf16_mixed`` inside bf16 autocast (fp32 weights cast per
+        use, matmuls and convolutions in bf16) with the outputs back in float32, so that the
+        heads, losses and EMA buffers stay float32."""
+        x = x.to(self.dtype)
+        if not self.mixed:
+            return fn(x)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            out = fn(x)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
 
     def build_model(self) -> nn.Module:
         """Return the method's module (all trainable parts)."""
@@ -44,7 +63,7 @@ class Method:
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Return the prediction logits (B, C)."""
-        return self.model(x.to(self.dtype))
+        return self.run_net(self.model, x)
 
     def state_dict(self) -> dict:
         """Return the method's non-parameter state (EMA buffers), for checkpoints."""
@@ -65,7 +84,7 @@ class Vanilla(Method):
         return Classifier(self.cfg.model, self.num_classes)
 
     def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
-        loss = ops.cross_entropy(self.model(batch.image.to(self.dtype)), batch.label).mean()
+        loss = ops.cross_entropy(self.run_net(self.model, batch.image), batch.label).mean()
         return loss, {"ce": loss.detach()}
 
 
@@ -88,14 +107,16 @@ class LfF(_EMAMethod):
         return LfFModel(self.cfg.model, self.num_classes)
 
     def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
-        x = batch.image.to(self.dtype)
         ema = self.ema
-        return ops.lff_head(self.model.debiased(x), self.model.biased(x), batch.label,
+        model = self.model
+        logits_d, logits_b = self.run_net(lambda x: (model.debiased(x), model.biased(x)),
+                                          batch.image)
+        return ops.lff_head(logits_d, logits_b, batch.label,
                             batch.index, ema.ema_i, ema.ema_b, ema.seen, ema.labels,
                             self.num_classes, **self._loss_kwargs())
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.debiased(x.to(self.dtype))
+        return self.run_net(self.model.debiased, x)
 
 
 class DisEnt(_EMAMethod):
@@ -114,7 +135,7 @@ class DisEnt(_EMAMethod):
 
     def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         m, model, ema = self.cfg.method, self.model, self.ema
-        z_i, z_b = model.features(batch.image.to(self.dtype))
+        z_i, z_b = self.run_net(model.features, batch.image)
         perm, source = None, {}
         if step > m.swap_start:
             if rank_and_world()[1] > 1:  # swap across the whole global batch
@@ -127,6 +148,10 @@ class DisEnt(_EMAMethod):
                                ema.seen, ema.labels, self.num_classes, perm,
                                lambda_dis=m.lambda_dis, lambda_swap_b=m.lambda_swap_b,
                                lambda_swap=m.lambda_swap, **self._loss_kwargs(), **source)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        # C_i over [z_i, z_b] with the classifier as in training (float32 under bf16_mixed).
+        return self.model.fc_i(torch.cat(self.run_net(self.model.features, x), 1))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "generator": self.generator.get_state()}

@@ -17,6 +17,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -35,7 +36,7 @@ from dfa_fast.engine import (initialize, load_ds_config, prepare_environment, re
 from dfa_fast.environment import machine, versions
 from dfa_fast.errors import DfaError
 from dfa_fast.evaluate import evaluate
-from dfa_fast.methods import build_method
+from dfa_fast.methods import build_method, input_dtype
 
 # Data sets a preset accepts (a faces set built from UTKFace stands in for BFFHQ).
 DATASET_SOURCES = {"cmnist": ("cmnist",), "cifar10c": ("cifar10c",), "bffhq": ("bffhq", "faces")}
@@ -75,7 +76,8 @@ def build_transform(cfg: RunConfig) -> ImageTransform:
     normal = (CIFAR_MEAN, CIFAR_STD) if d.normalize == "cifar" else (None, None)
     return ImageTransform(cfg.model.input_scale / 255.0, *normal, resize=d.resize or None,
                           crop_padding=d.crop_padding, flip=d.flip,
-                          channels_last=d.channels_last)
+                          channels_last=d.channels_last,
+                          dtype=input_dtype(cfg.train.precision))
 
 
 def environment_info(device: torch.device) -> dict:
@@ -198,6 +200,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         prepare_environment(self.device)
+        if (self.device.type == "cpu" and t.precision in ("bf16", "bf16_mixed")
+                and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            warnings.warn(f"train.precision={t.precision} on a CPU without native bf16 "
+                          "(AVX512-BF16 or AMX): its bf16 products are emulated, slower than fp32")
         self.metas = check_data(cfg)
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
             seed_fn(t.seed)
@@ -211,8 +217,6 @@ class Trainer:
                                                                         world_size()))
         self.rank, self.world = rank_and_world()
         self.is_main = self.rank == 0
-        self.method.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision,
-                                                                                 torch.float32)
         if self.world > 1 and self.method.ema is not None:
             self.method.ema.gather = all_gather_batch
 

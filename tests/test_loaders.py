@@ -193,3 +193,25 @@ def test_image_transform_takes_scaled_floats_and_refuses_other_dtypes():
     assert torch.equal(transform(images.float() * 0.5, False), transform(images, False))
     with pytest.raises(TypeError, match="expected uint8"):
         transform(images.to(torch.int32), False)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_cpu_loader_rounds_to_bf16_in_its_thread_exactly_as_the_transform(split, normalize):
+    """Under the bf16 precisions the transform outputs bf16: the CPU loader rounds to it in its own
+    thread when only scaling (and crop/flip) remain, and stays float32 when normalisation follows;
+    either way the batches equal the transform of the raw uint8 batch."""
+    path = split[0]
+    normal = (CIFAR_MEAN, CIFAR_STD) if normalize else (None, None)
+    transform = ImageTransform(1 / 255, *normal, crop_padding=4, flip=True, channels_last=True,
+                               dtype=torch.bfloat16)
+    assert transform.loader_dtype == (torch.float32 if normalize else torch.bfloat16)
+    raw = list(make_train_loader(path, 50, seed=3, num_workers=1))
+    converted = list(make_train_loader(path, 50, seed=3, num_workers=1, transform=transform))
+    for got, ref in zip(converted, raw):
+        assert got.image.dtype == torch.bfloat16
+        assert torch.equal(got.image, transform(ref.image, True, sample_keys(3, 0, ref.index)))
+    if not normalize:  # scaled in float32, then rounded once
+        expected = (raw[0].image.permute(0, 3, 1, 2).float() * (1 / 255)).to(torch.bfloat16)
+        assert torch.equal(transform(raw[0].image, False), expected)
+    with pytest.raises(TypeError, match="expected uint8"):
+        transform(raw[0].image.to(torch.float16), False)

@@ -33,24 +33,25 @@ class ImageTransform:
     crop_padding: int = 0
     flip: bool = False
     channels_last: bool = False
+    dtype: torch.dtype = torch.float32  # of the model input (bf16 under the bf16 precisions)
     _constants: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, images: torch.Tensor, train: bool,
                  keys: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Return the float32 NCHW batch for a uint8 (B, H, W, C) batch; ``keys`` (B,) int64 seed
-        each sample's augmentation (see `sample_keys`), needed when ``train`` augments.
+        """Return the NCHW batch (of ``dtype``) for a uint8 (B, H, W, C) batch; ``keys`` (B,)
+        int64 seed each sample's augmentation (see `sample_keys`), needed when ``train`` augments.
 
-        A float32 batch is taken as already converted and multiplied by ``scale`` (what the CPU
-        loaders do in their own thread) and is modified in place."""
+        A float32 or `loader_dtype` batch is taken as already converted and multiplied by
+        ``scale`` (what the CPU loaders do in their own thread) and may be modified in place."""
         # Convert and scale in the loader's NHWC layout (a transposing copy costs several
         # times more), then view it as NCHW: channels-last memory, no copy.
-        if images.dtype == torch.float32:
-            x = images.permute(0, 3, 1, 2)
-        elif images.dtype == torch.uint8:
+        if images.dtype == torch.uint8:
             x = images.to(torch.float32).mul_(self.scale).permute(0, 3, 1, 2)
+        elif images.dtype in (torch.float32, self.loader_dtype):
+            x = images.permute(0, 3, 1, 2)
         else:
-            raise TypeError(f"image batch of dtype {images.dtype}; expected uint8 (or float32 "
-                            "already scaled)")
+            raise TypeError(f"image batch of dtype {images.dtype}; expected uint8 (or "
+                            f"{self.loader_dtype} already scaled)")
         if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
                               align_corners=False, antialias=x.shape[-1] > self.resize)
@@ -60,7 +61,14 @@ class ImageTransform:
             mean, std = self._normalisation(x.device)
             x = x.sub_(mean).div_(std)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=fmt)
+        return x.to(self.dtype).contiguous(memory_format=fmt)
+
+    @property
+    def loader_dtype(self) -> torch.dtype:
+        """The dtype a CPU loader converts to in its own thread: ``dtype`` when scaling is all the
+        arithmetic left (crop and flip only move pixels; scaled in float32 first, then rounded
+        once, so the values equal this transform's), float32 when resize or normalisation follow."""
+        return self.dtype if self.resize is None and self.mean is None else torch.float32
 
     @property
     def augments(self) -> bool:

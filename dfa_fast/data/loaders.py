@@ -9,7 +9,8 @@ ranks' counts gives exactly the single-process numbers. Decoding happens in FFCV
 on a GPU the uint8 batch moves to the device asynchronously and `ImageTransform` prepares it there.
 On the CPU the device is the host, so the uint8 -> float conversion and scaling (the transform's
 most expensive part there) run in FFCV's loader thread instead, ahead of the training step
-(`ScaleToFloat`); the rest of the transform (crop, flip, normalisation) still runs per batch.
+(`ScaleToFloat`; straight to bf16 under the bf16 precisions when nothing but crop and flip
+follows, so the training thread reads half the bytes); the rest of the transform (crop, flip, normalisation) still runs per batch.
 """
 from __future__ import annotations
 
@@ -30,8 +31,8 @@ ORDERS = ("random", "quasi_random", "sequential")
 
 @dataclass
 class Batch:
-    """One batch on the device: image (float NCHW, or uint8 NHWC without a transform), and int64
-    label, bias and index (the sample's row in the split)."""
+    """One batch on the device: image (float NCHW in the transform's dtype, or uint8 NHWC without a
+    transform), and int64 label, bias and index (the sample's row in the split)."""
     image: torch.Tensor
     label: torch.Tensor
     bias: torch.Tensor
@@ -129,10 +130,10 @@ def _global_shuffle_order():
     return GlobalShuffle
 
 
-def _scale_to_float(scale: float):
-    """Return an FFCV operation that turns the uint8 image batch into ``float32 * scale`` in the
-    loader's thread, as a new tensor (so nothing aliases FFCV's reused buffers); made lazily:
-    FFCV costs seconds to import."""
+def _scale_to_float(scale: float, dtype: torch.dtype = torch.float32):
+    """Return an FFCV operation that turns the uint8 image batch into ``float32 * scale`` (rounded
+    to ``dtype``) in the loader's thread, as a new tensor (so nothing aliases FFCV's reused
+    buffers); made lazily: FFCV costs seconds to import."""
     from dataclasses import replace
 
     from ffcv.pipeline.operation import Operation
@@ -140,11 +141,12 @@ def _scale_to_float(scale: float):
     class ScaleToFloat(Operation):
         def generate_code(self):
             def scale_to_float(inp, dst):
-                return inp.to(torch.float32).mul_(scale)
+                out = inp.to(torch.float32).mul_(scale)
+                return out if dtype == torch.float32 else out.to(dtype)
             return scale_to_float
 
         def declare_state_and_memory(self, previous_state):
-            return replace(previous_state, jit_mode=False, dtype=torch.float32), None
+            return replace(previous_state, jit_mode=False, dtype=dtype), None
     return ScaleToFloat()
 
 
@@ -158,7 +160,7 @@ def _pipelines(device: torch.device, transform: Optional[ImageTransform] = None)
     ints = lambda: [IntDecoder(), ToTensor(), Squeeze()] + to_device()  # noqa: E731
     image = [SimpleRGBImageDecoder(), ToTensor()] + to_device()
     if device.type == "cpu" and transform is not None:
-        image.append(_scale_to_float(transform.scale))
+        image.append(_scale_to_float(transform.scale, transform.loader_dtype))
     return {"image": image, "label": ints(), "bias": ints(), "index": ints()}
 
 
