@@ -271,7 +271,9 @@ def main() -> None:
               "rounds": [{"dfa_fast_images_per_s": r[0]["images_per_s"],
                           "naive_images_per_s": r[1], "naive_compute_images_per_s": r[2],
                           "naive_loader_images_per_s": r[3], "first_layer_ms": r[4],
-                          "dfa_fast_bf16_mixed_images_per_s": r[5] and r[5]["images_per_s"]}
+                          "dfa_fast_bf16_mixed_images_per_s": r[5] and r[5]["images_per_s"],
+                          "speedup": r[0]["images_per_s"] / r[1],
+                          "speedup_bf16_mixed": r[5] and r[5]["images_per_s"] / r[1]}
                          for r in rounds],
               "dfa_fast_data_share": ours["data_share"],
               "goal": "dfa-fast at least 5x the naive loop; a full run at most 12 minutes"}
@@ -308,6 +310,9 @@ def main() -> None:
              f"Speed-up {result['speedup']:.1f}x (fp32)"
              + (f", {result['speedup_bf16_mixed']:.1f}x (bf16_mixed)" if mixed else
                 " (bf16_mixed not timed: no native bf16 on this CPU)")
+             + "; within each round: " + ", ".join(
+                 f"{r['speedup']:.1f}x" + (f" / {r['speedup_bf16_mixed']:.1f}x" if mixed else "")
+                 for r in result["rounds"])
              + f"; 5x needs a {result['step_ms_needed_for_5x']:.2f} "
              "ms step on this machine. Full published run (50,000 steps, 101 "
              f"evaluations): {full('')} in fp32, {full('bf16_mixed_')} in bf16_mixed. Medians of {args.rounds} alternating rounds (dfa-fast "
