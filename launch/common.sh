@@ -18,7 +18,7 @@ zero=${ZERO:-0}
 suffix=""
 if [ "$precision" = bf16 ]; then suffix=_bf16; fi
 ds_config=$here/ds_zero${zero}${suffix}.json
-[ -f "$ds_config" ] || { echo "launch: no $ds_config (ZERO=0|1|2, PRECISION=fp32|bf16)" >&2; exit 2; }
+[ -f "$ds_config" ] || { echo "launch: no $ds_config (ZERO=0|1|2, PRECISION=fp32|bf16|bf16_mixed)" >&2; exit 2; }
 port=${MASTER_PORT:-$("$py" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 # The run config must agree with the DeepSpeed file (dfa-fast checks it).
 set_args=(--deepspeed_config "$ds_config" --set "train.zero_stage=$zero"

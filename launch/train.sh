@@ -5,7 +5,7 @@
 #   launch/train.sh --preset bffhq --ratio 0.5 --method disent --data data/faces --out runs/bffhq
 #   NPROC=4 ZERO=2 PRECISION=bf16 launch/train.sh --preset cifar10c --ratio 1 --method disent ...
 #
-# Environment: NPROC, ZERO (0|1|2, default 0), PRECISION (fp32|bf16; default bf16 on GPUs),
+# Environment: NPROC, ZERO (0|1|2, default 0), PRECISION (fp32|bf16|bf16_mixed; default bf16 on GPUs),
 # DFA_DEVICE=cpu (force CPU ranks), MASTER_PORT (default: a free port), PYTHON.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
