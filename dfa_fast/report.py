@@ -1,5 +1,7 @@
-"""Aggregating finished runs: mean and std over seeds per (data set, ratio, method), with the
-published numbers beside them (`dfa-fast report`, benchmarks/accuracy.py)."""
+"""Aggregating finished runs: mean and std over seeds per (data set, ratio, method, variant), with
+the published numbers beside them (`dfa-fast report`, benchmarks/accuracy.py). A run's variant is
+how its saved config departs from its preset (say `train.precision=bf16_mixed`), so runs of
+different settings are never averaged together."""
 from __future__ import annotations
 
 import json
@@ -8,11 +10,35 @@ from pathlib import Path
 
 import numpy as np
 
+from dfa_fast import config
 from dfa_fast.errors import DfaError
 from dfa_fast.published import published
-from dfa_fast.trainer import METRICS_FILE, SUMMARY_FILE, headline
+from dfa_fast.trainer import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, headline
 
 METHOD_ORDER = {"vanilla": 0, "lff": 1, "disent": 2}
+# Config keys that say where a run read its data, how it was watched and on how many cores, not
+# what it computed: runs that differ only in these (and the seed) are seeds of one cell.
+NOT_VARIANT = {("train", "seed"), ("train", "progress"), ("train", "tensorboard"),
+               ("train", "threads"), ("train", "device"), ("train", "log_every"),
+               ("train", "ckpt_every"), ("train", "dist_timeout_s"), ("data", "path"),
+               ("data", "num_workers")}
+
+
+def run_variant(run_dir: Path, summary: dict) -> str:
+    """Return how a run's saved config departs from its preset, as "section.key=value, ...":
+    "" for the preset itself, and for a run without a saved config or without a preset."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        return ""
+    saved = config.load(path).to_dict()
+    try:
+        preset = config.resolve(summary["dataset"], summary["ratio_pct"],
+                                summary["method"]).to_dict()
+    except DfaError:
+        return ""
+    return ", ".join(f"{section}.{key}={value}" for section, values in saved.items()
+                     for key, value in values.items()
+                     if value != preset[section][key] and (section, key) not in NOT_VARIANT)
 
 
 def find_summaries(paths: list[Path]) -> list[dict]:
@@ -24,7 +50,9 @@ def find_summaries(paths: list[Path]) -> list[dict]:
         if not files:
             raise DfaError(f"{path}: no {SUMMARY_FILE} found; expected a finished run directory "
                            "(or a folder of them)")
-        found += [json.loads(f.read_text()) | {"run_dir": str(f.parent)} for f in files]
+        for f in files:
+            summary = json.loads(f.read_text()) | {"run_dir": str(f.parent)}
+            found.append(summary | {"variant": run_variant(f.parent, summary)})
     return found
 
 
@@ -49,15 +77,18 @@ def _stats(values: list[float]) -> tuple[float, float]:
 
 
 def aggregate(summaries: list[dict]) -> list[dict]:
-    """Return one row per (data set, ratio, method): seeds, means and stds of the test numbers."""
+    """Return one row per (data set, ratio, method, variant): seeds, means and stds of the test
+    numbers."""
     groups = defaultdict(list)
     for summary in summaries:
-        groups[summary["dataset"], float(summary["ratio_pct"]), summary["method"]].append(summary)
+        groups[summary["dataset"], float(summary["ratio_pct"]), summary["method"],
+               summary.get("variant", "")].append(summary)
     rows = []
-    for (dataset, ratio, method), runs in sorted(groups.items(), key=lambda item: (
-            item[0][0], item[0][1], METHOD_ORDER.get(item[0][2], 9))):
+    for (dataset, ratio, method, variant), runs in sorted(groups.items(), key=lambda item: (
+            item[0][0], item[0][1], METHOD_ORDER.get(item[0][2], 9), item[0][3])):
         numbers = [headline(run) for run in runs]
-        row = {"dataset": dataset, "method": method, "ratio_pct": ratio, "n_seeds": len(runs),
+        row = {"dataset": dataset, "method": method, "variant": variant, "ratio_pct": ratio,
+               "n_seeds": len(runs),
                "seeds": sorted(run["seed"] for run in runs),
                "steps": sorted({run["steps"] for run in runs}),
                "report_metric": runs[0]["report_metric"]}
@@ -75,16 +106,21 @@ def aggregate(summaries: list[dict]) -> list[dict]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """Return the rows as a Markdown table (percent, mean +- std over seeds)."""
-    lines = ["| data set | ratio | method | seeds | valid-selected | paper protocol | final | "
-             "selected - paper | ratio-valid selected | published |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """Return the rows as a Markdown table (percent, mean +- std over seeds); a variant column
+    appears when some row is not its preset."""
+    variants = any(r.get("variant") for r in rows)
+    lines = ["| data set | ratio | method | " + ("variant | " if variants else "") +
+             "seeds | valid-selected | paper protocol | final | selected - paper | "
+             "ratio-valid selected | published |",
+             "| --- " * (11 if variants else 10) + "|"]
     for r in rows:
         def cell(name):  # one seed has no spread to show
             mean = f"{r[f'test_acc_{name}_mean']:.2f}"
             return mean if r["n_seeds"] < 2 else f"{mean} ± {r[f'test_acc_{name}_std']:.2f}"
         pub = f"{r['published']:.2f}" if r["published"] is not None else "-"
-        lines.append(f"| {r['dataset']} | {r['ratio_pct']:g}% | {r['method']} | {r['n_seeds']} | "
-                     f"{cell('selected')} | {cell('paper_protocol')} | {cell('final')} | "
-                     f"{r['selected_minus_paper']:+.2f} | {cell('ratio_valid')} | {pub} |")
+        variant = f"{r.get('variant') or 'preset'} | " if variants else ""
+        lines.append(f"| {r['dataset']} | {r['ratio_pct']:g}% | {r['method']} | {variant}"
+                     f"{r['n_seeds']} | {cell('selected')} | {cell('paper_protocol')} | "
+                     f"{cell('final')} | {r['selected_minus_paper']:+.2f} | "
+                     f"{cell('ratio_valid')} | {pub} |")
     return "\n".join(lines)

@@ -84,3 +84,28 @@ def test_report_of_a_folder_without_runs_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no summary.json found" in err and len(err.splitlines()) == 1
+
+
+def test_runs_of_other_settings_are_separate_rows_named_by_their_variant(tmp_path):
+    """Seeds that differ only in where and how they ran are one cell; a config change (say the
+    precision) makes its own row, named by how it departs from the preset."""
+    from dfa_fast import config
+    root = tmp_path / "runs"
+    settings = [(0, {"train": {"threads": 1, "progress": False}}),
+                (1, {"train": {"threads": 2}, "data": {"path": "/elsewhere"}}),
+                (0, {"train": {"precision": "bf16_mixed"}}),
+                (1, {"train": {"precision": "bf16_mixed"}, "method": {"q": 0.8}})]
+    for i, (seed, overrides) in enumerate(settings):
+        run_dir = root / f"run{i}"
+        write_run(run_dir, method="disent", ratio=1.0, seed=seed, selected=80.0 + i,
+                  paper=81.0 + i, final=79.0 + i, evals=[(500, 90.0, 80.0, 80.0 + i)])
+        config.save(config.resolve("cmnist", 1, "disent", overrides), run_dir / "config.yaml")
+    rows = aggregate(find_summaries([root]))
+    assert [(r["variant"], r["n_seeds"], r["test_acc_selected_mean"]) for r in rows] == [
+        ("", 2, 80.5), ("method.q=0.8, train.precision=bf16_mixed", 1, 83.0),
+        ("train.precision=bf16_mixed", 1, 82.0)]
+    table = markdown_table(rows).splitlines()
+    assert "| variant |" in table[0] and "| preset | 2 |" in table[2]
+    assert "| train.precision=bf16_mixed | 1 |" in table[4]
+    # the preset alone keeps the table without the column
+    assert "variant" not in markdown_table(rows[:1])
