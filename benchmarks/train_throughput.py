@@ -4,7 +4,8 @@ deliberately naive loop with the reference implementation's structure.
 The naive loop (written here) reads PNG files in the published DisEnt layout through a torch
 DataLoader, keeps two models with two Adam optimizers, finds the class-wise maximum of the loss EMA
 with a Python loop over classes, draws the swap permutation with NumPy and calls `.item()` on the
-losses every step. dfa-fast runs its real trainer (FFCV, DeepSpeed engine, device-side EMA).
+losses every step. dfa-fast runs its real trainer (FFCV, DeepSpeed engine, device-side EMA), in
+fp32 and, where the CPU multiplies bf16 natively, with ``train.precision=bf16_mixed``.
 
     python benchmarks/train_throughput.py --data data/cmnist/1pct [--full-run-summary RUN/summary.json]
     python benchmarks/train_throughput.py --device cuda --json OUT/train_throughput_gpu.json
@@ -12,7 +13,8 @@ losses every step. dfa-fast runs its real trainer (FFCV, DeepSpeed engine, devic
 Writes benchmarks/results/train_throughput.{json,md} (or ``--json PATH``). ``full_run_seconds`` is
 the wall time of a whole published run (50,000 steps, 101 evaluations) taken from that run's
 summary.json. On a GPU (``--device cuda``) it times dfa-fast with the Triton kernels and with the
-PyTorch reference ops (``DFA_KERNELS=torch``); the naive loop is a CPU baseline only. Without a
+PyTorch reference ops (``DFA_KERNELS=torch``), and with the kernels under
+``train.precision=bf16_mixed``; the naive loop is a CPU baseline only. Without a
 prepared ``--data`` folder it builds Colored MNIST 1% from the embedded MNIST files first.
 """
 from __future__ import annotations
@@ -216,6 +218,9 @@ def gpu(args) -> None:
         for backend in ("triton", "torch"):
             os.environ["DFA_KERNELS"] = backend
             result[f"dfa_fast_{backend}"] = run_dfa_fast(data, args.steps, "cuda")
+        os.environ["DFA_KERNELS"] = "triton"
+        result["dfa_fast_triton_bf16_mixed"] = run_dfa_fast(data, args.steps, "cuda",
+                                                            precision="bf16_mixed")
     result["kernels_speedup"] = (result["dfa_fast_triton"]["images_per_s"]
                                  / result["dfa_fast_torch"]["images_per_s"])
     args.json.write_text(json.dumps({"cmnist_disent_gpu": result}, indent=1) + "\n")
