@@ -45,9 +45,9 @@ def branch_stats(trainer, loader) -> dict:
 
     def keep(name, value):
         columns.setdefault(name, []).append(value.float().cpu())
+    net = trainer.method.run_net  # the networks in the run's precision
     for batch in loader:
         x, y = batch.image, batch.label
-        net = trainer.method.run_net  # the networks in the run's precision
         if cfg.method.name == "disent":
             z_i, z_b = net(model.features, x)
             logits_i = model.fc_i(torch.cat([z_i, z_b], 1))
@@ -143,26 +143,24 @@ def _branch_cells(r: dict) -> str:
             f"{_number(r, 'weight_aligned', 3)} / {_number(r, 'weight_conflicting', 3)}")
 
 
+def _markdown(header: str, rows: list[dict], cells) -> str:
+    """A Markdown table: the ``header`` cells (joined by " | ") and ``cells(row)`` for each row."""
+    lines = [f"| {header} |", "| --- " * (header.count("|") + 1) + "|"]
+    return "\n".join(lines + [f"| {cells(r)} |" for r in rows])
+
+
 def table(rows: list[dict]) -> str:
-    lines = [f"| run | ckpt | test (selected) | {_BRANCH_HEADER} |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} {r['ratio_pct']:g}% seed {r['seed']}, input_scale "
-            f"{r['input_scale']:.4g} | {r['checkpoint']} | {r['test_selected']:.2f} | "
-            f"{_branch_cells(r)} |")
-    return "\n".join(lines)
+    return _markdown(f"run | ckpt | test (selected) | {_BRANCH_HEADER}", rows, lambda r: (
+        f"{r['method']} {r['ratio_pct']:g}% seed {r['seed']}, input_scale "
+        f"{r['input_scale']:.4g} | {r['checkpoint']} | {r['test_selected']:.2f} | "
+        f"{_branch_cells(r)}"))
 
 
 def trajectory_table(rows: list[dict]) -> str:
-    lines = [f"| run | step | {_BRANCH_HEADER} | W (EMA) al / cf |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} {r['ratio_pct']:g}% seed {r['seed']} | {r['step']} | "
-            f"{_branch_cells(r)} | {_number(r, 'weight_ema_aligned', 3)} / "
-            f"{_number(r, 'weight_ema_conflicting', 3)} |")
-    return "\n".join(lines)
+    return _markdown(f"run | step | {_BRANCH_HEADER} | W (EMA) al / cf", rows, lambda r: (
+        f"{r['method']} {r['ratio_pct']:g}% seed {r['seed']} | {r['step']} | "
+        f"{_branch_cells(r)} | {_number(r, 'weight_ema_aligned', 3)} / "
+        f"{_number(r, 'weight_ema_conflicting', 3)}"))
 
 
 def main() -> None:

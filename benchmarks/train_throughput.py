@@ -248,13 +248,14 @@ def main() -> None:
             parser.error("--device cuda needs --json PATH")
         return gpu(args)
     from dfa_fast.data.beton import read_int_field
+    from dfa_fast.environment import native_bf16
     with tempfile.TemporaryDirectory() as scratch:
         data = prepared(args.data, Path(scratch) / "cmnist")
         labels = torch.from_numpy(read_int_field(data / "train.beton", "label").copy())
         png = Path(scratch) / "png"
         export_pngs(data / "train.beton", png)
         # bf16_mixed is timed only where the CPU multiplies bf16 natively (else it is emulated).
-        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        bf16 = native_bf16()
         # Alternating rounds: this machine's speed drifts, so each figure is a median of rounds.
         rounds = [(run_dfa_fast(data, args.steps),
                    run_naive(png, labels, args.naive_steps, warmup=20),
@@ -320,7 +321,8 @@ def main() -> None:
                  for r in result["rounds"])
              + f"; 5x needs a {result['step_ms_needed_for_5x']:.2f} "
              "ms step on this machine. Full published run (50,000 steps, 101 "
-             f"evaluations): {full('')} in fp32, {full('bf16_mixed_')} in bf16_mixed. Medians of {args.rounds} alternating rounds (dfa-fast "
+             f"evaluations): {full('')} in fp32, {full('bf16_mixed_')} in bf16_mixed. "
+             f"Medians of {args.rounds} alternating rounds (dfa-fast "
              f"{args.steps} steps with the feature swap on, naive {args.naive_steps} steps); one "
              "torch thread per process (`torch.set_num_threads(1)`); each loader has one worker.")
     payload = {"cmnist_disent": result, "threads": 1}

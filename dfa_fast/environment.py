@@ -24,6 +24,13 @@ def machine() -> dict:
     return facts
 
 
+def native_bf16() -> bool:
+    """Return whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere torch
+    emulates bf16 products, slower than fp32."""
+    import torch
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def versions() -> dict:
     """Return the versions of Python and of the libraries dfa-fast runs on."""
     found = {"python": platform.python_version()}

@@ -33,7 +33,7 @@ from dfa_fast.data.splits import ratio_tag
 from dfa_fast.distributed import all_gather_batch, average_over_ranks, rank_and_world
 from dfa_fast.engine import (initialize, load_ds_config, prepare_environment, resolve_device,
                              world_size)
-from dfa_fast.environment import machine, versions
+from dfa_fast.environment import machine, native_bf16, versions
 from dfa_fast.errors import DfaError
 from dfa_fast.evaluate import evaluate
 from dfa_fast.methods import build_method, input_dtype
@@ -201,7 +201,7 @@ class Trainer:
             torch.cuda.set_device(self.device)
         prepare_environment(self.device)
         if (self.device.type == "cpu" and t.precision in ("bf16", "bf16_mixed")
-                and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+                and not native_bf16()):
             warnings.warn(f"train.precision={t.precision} on a CPU without native bf16 "
                           "(AVX512-BF16 or AMX): its bf16 products are emulated, slower than fp32")
         self.metas = check_data(cfg)

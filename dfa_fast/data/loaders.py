@@ -10,7 +10,8 @@ on a GPU the uint8 batch moves to the device asynchronously and `ImageTransform`
 On the CPU the device is the host, so the uint8 -> float conversion and scaling (the transform's
 most expensive part there) run in FFCV's loader thread instead, ahead of the training step
 (`ScaleToFloat`; straight to bf16 under the bf16 precisions when nothing but crop and flip
-follows, so the training thread reads half the bytes); the rest of the transform (crop, flip, normalisation) still runs per batch.
+follows, so the training thread reads half the bytes); the rest of the transform (crop, flip,
+normalisation) still runs per batch.
 """
 from __future__ import annotations
 
