@@ -25,9 +25,10 @@ from dfa_fast.report import aggregate, find_summaries, markdown_table  # noqa: E
 
 
 def run_command(args, ratio: str, method: str, seed: int, run_dir: Path) -> list[str]:
-    """Return the `dfa-fast train` command of one grid cell (a resume if it was interrupted)."""
+    """Return the `dfa-fast train` command of one grid cell (a resume if it was interrupted: from
+    its last checkpoint, or over from step 0 when it stopped before the first)."""
     common = ["--set", "train.progress=false", "--set", "train.threads=1"]
-    if (run_dir / "checkpoints" / "latest.json").is_file():
+    if (run_dir / "config.yaml").is_file():
         return [sys.executable, "-m", "dfa_fast", "train", "--resume", str(run_dir), *common]
     command = [sys.executable, "-m", "dfa_fast", "train", "--preset", args.dataset, "--ratio",
                ratio, "--method", method, "--data", str(args.data), "--out", str(run_dir),
@@ -80,6 +81,11 @@ def main() -> None:
     wanted = {(float(r), m, s) for r, m, s in cells}
     summaries = [s for s in find_summaries([root])
                  if (float(s["ratio_pct"]), s["method"], s["seed"]) in wanted]
+    found = {(float(s["ratio_pct"]), s["method"], s["seed"]) for s in summaries}
+    missing = [f"{r:g}% {m} seed {s}" for r, m, s in sorted(wanted - found)]
+    if missing:
+        print(f"warning: {len(missing)} cell(s) have no finished run and are left out: "
+              f"{', '.join(missing)}", file=sys.stderr)
     rows = aggregate(summaries)
     table = markdown_table(rows)
     steps = sorted({s for row in rows for s in row["steps"]})
@@ -92,11 +98,14 @@ def main() -> None:
               "as (1 - r) x aligned + r x conflicting valid accuracy): the trap of selecting on "
               "it. LfF uses the benchmark's lr, batch and steps with EMA alpha 0.7 and "
               "q 0.7, no LR decay. One thread per run, runs in parallel up to the cores.")
+    if missing:
+        table += "\n\nLeft out (no finished run): " + ", ".join(missing) + "."
     if args.set:
         table += "\n\nNot the published presets: every run had " + ", ".join(
             f"`--set {o}`" for o in args.set) + "."
     write_results(args.name or f"accuracy-{args.dataset}",
-                  {"rows": rows, "dataset": args.dataset, "overrides": args.set}, table)
+                  {"rows": rows, "dataset": args.dataset, "overrides": args.set,
+                   "missing_cells": missing}, table)
     print(table)
 
 

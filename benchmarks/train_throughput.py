@@ -227,6 +227,31 @@ def gpu(args) -> None:
     print(json.dumps(result, indent=1))
 
 
+def full_run(summary_path: Path, precision: str) -> dict:
+    """Return the wall time and setting of a finished full published run (its summary.json and
+    the config.yaml beside it), after checking it is one: Colored MNIST DisEnt, the preset's
+    50,000 steps with an evaluation every 500, one thread, in ``precision``."""
+    from dfa_fast import config
+    try:
+        summary = json.loads(summary_path.read_text())
+        cfg = config.load(summary_path.parent / "config.yaml")
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{summary_path}: not a finished run ({err})") from None
+    found = {"dataset": cfg.data.dataset, "method": cfg.method.name, "steps": cfg.train.steps,
+             "eval_every": cfg.train.eval_every, "threads": cfg.train.threads,
+             "precision": cfg.train.precision,
+             "device": summary.get("environment", {}).get("device")}
+    wanted = {"dataset": "cmnist", "method": "disent", "steps": 50_000, "eval_every": 500,
+              "threads": 1, "precision": precision, "device": "cpu"}
+    wrong = {k: v for k, v in found.items() if v != wanted[k]}
+    if wrong:
+        raise SystemExit(f"{summary_path}: not a full published run in {precision}: "
+                         + ", ".join(f"{k}={v} (expected {wanted[k]})" for k, v in wrong.items()))
+    return {"full_run_seconds": summary["wall_seconds"], "full_run_steps": summary["steps"],
+            "full_run_ratio_pct": cfg.data.ratio_pct, "full_run_precision": precision,
+            "full_run_summary": str(summary_path)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=Path("data/cmnist/1pct"),
@@ -243,6 +268,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the JSON here (GPU kit) instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    full_runs = {prefix: full_run(path, precision) for prefix, path, precision in (
+        ("", args.full_run_summary, "fp32"), ("bf16_mixed_", args.bf16_full_run_summary,
+                                              "bf16_mixed")) if path}
     if args.device == "cuda":
         if args.json is None:
             parser.error("--device cuda needs --json PATH")
@@ -287,12 +315,8 @@ def main() -> None:
         result.update(dfa_fast_bf16_mixed_images_per_s=mixed["images_per_s"],
                       dfa_fast_bf16_mixed_step_ms=mixed["step_ms"],
                       speedup_bf16_mixed=mixed["images_per_s"] / naive)
-    for prefix, path in (("", args.full_run_summary), ("bf16_mixed_", args.bf16_full_run_summary)):
-        if path:
-            summary = json.loads(path.read_text())
-            result.update({f"{prefix}full_run_seconds": summary["wall_seconds"],
-                           f"{prefix}full_run_steps": summary["steps"],
-                           f"{prefix}full_run_summary": str(path)})
+    for prefix, run in full_runs.items():
+        result.update({f"{prefix}{key}": value for key, value in run.items()})
 
     def full(prefix):
         return (f"{result[prefix + 'full_run_seconds'] / 60:.1f} min "

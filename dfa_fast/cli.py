@@ -142,6 +142,8 @@ def train_config(args: argparse.Namespace):
         raise DfaError(f"train needs {', '.join(missing)} (or --resume RUN_DIR)")
     if args.method not in config.METHODS:
         raise DfaError(f"unknown method {args.method!r}; available: {', '.join(config.METHODS)}")
+    config.check_selection(args.preset, args.ratio, args.method)  # before looking for the data
+    config.check_keys(overrides, "--set")
     from dfa_fast.trainer import resolve_data_dir
     data_dir = resolve_data_dir(args.data, args.ratio)
     overrides.setdefault("data", {})["path"] = str(data_dir.resolve())

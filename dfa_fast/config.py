@@ -198,7 +198,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     elif kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-    raise DfaError(f"{key}={value!r} is not valid; expected a {kind.__name__}")
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise DfaError(f"{key}={value!r} is not valid; expected {article} {kind.__name__}")
 
 
 def _merge(base: dict, update: dict, where: str) -> dict:
@@ -210,22 +211,31 @@ def _merge(base: dict, update: dict, where: str) -> dict:
     return merged
 
 
-def from_dict(data: dict, where: str = "config") -> RunConfig:
-    """Return the RunConfig of nested dicts; unknown sections/keys and bad values are errors."""
+def check_keys(data: dict, where: str) -> dict:
+    """Raise on an unknown section or key of nested config dicts; return RunConfig's type hints."""
     hints = typing.get_type_hints(RunConfig)
-    sections = {}
     for section, values in data.items():
         if section not in hints:
             raise DfaError(f"{where}: unknown config section {section!r}; expected one of "
                            f"{tuple(hints)}")
-        cls = hints[section]
-        fields = typing.get_type_hints(cls)
-        for key, value in (values or {}).items():
+        if values is not None and not isinstance(values, dict):
+            raise DfaError(f"{where}: section {section!r} must be a mapping of keys to values")
+        fields = typing.get_type_hints(hints[section])
+        for key in values or {}:
             if key not in fields:
                 raise DfaError(f"{where}: unknown config key {section}.{key}; expected one of "
                                f"{', '.join(fields)}")
-        sections[section] = cls(**{k: _coerce(f"{section}.{k}", v, fields[k])
-                                   for k, v in (values or {}).items()})
+    return hints
+
+
+def from_dict(data: dict, where: str = "config") -> RunConfig:
+    """Return the RunConfig of nested dicts; unknown sections/keys and bad values are errors."""
+    hints = check_keys(data, where)
+    sections = {}
+    for section, values in data.items():
+        fields = typing.get_type_hints(hints[section])
+        sections[section] = hints[section](**{k: _coerce(f"{section}.{k}", v, fields[k])
+                                              for k, v in (values or {}).items()})
     return RunConfig(**sections)
 
 
@@ -262,9 +272,9 @@ def ratio_key(ratio_pct: float) -> str:
     return f"{float(ratio_pct):g}"
 
 
-def resolve(preset: str, ratio_pct: float, method: str,
-            overrides: Optional[dict] = None) -> RunConfig:
-    """Return the config of (preset, ratio, method) with ``overrides`` applied on top."""
+def check_selection(preset: str, ratio_pct: float, method: str) -> dict:
+    """Return the preset's spec after checking it has ``ratio_pct`` and ``method`` (errors list the
+    available ones)."""
     spec = load_preset(preset)
     ratios = spec.get("ratios", {})
     key = ratio_key(ratio_pct)
@@ -274,6 +284,15 @@ def resolve(preset: str, ratio_pct: float, method: str,
     if method not in spec.get("methods", {}):
         raise DfaError(f"preset {preset} has no method {method!r}; available: "
                        f"{', '.join(spec.get('methods', {}))}")
+    return spec
+
+
+def resolve(preset: str, ratio_pct: float, method: str,
+            overrides: Optional[dict] = None) -> RunConfig:
+    """Return the config of (preset, ratio, method) with ``overrides`` applied on top."""
+    spec = check_selection(preset, ratio_pct, method)
+    ratios, key = spec["ratios"], ratio_key(ratio_pct)
+    check_keys(overrides or {}, "--set")
     merged = _merge(spec.get("base", {}), spec["methods"][method], preset)
     merged = _merge(merged, ratios[key], preset)
     merged = _merge(merged, spec.get("overrides", {}).get(method, {}).get(key, {}), preset)

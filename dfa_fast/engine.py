@@ -134,3 +134,16 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
         # Nothing to average over one rank: skip the flatten/all-reduce/unflatten of every step.
         engine.enable_backward_allreduce = False
     return engine
+
+
+def apply_optim_config(engine, cfg: RunConfig) -> None:
+    """Set the engine's learning rate, schedule base and weight decay from ``cfg.optim`` after a
+    checkpoint restored the optimizer and schedule (whose saved values they would keep otherwise:
+    a forced resume with a new ``optim.lr`` must train with it); returns None."""
+    schedule = engine.lr_scheduler
+    groups = engine.optimizer.param_groups
+    lr = cfg.optim.lr * cfg.optim.lr_factor(schedule.last_epoch)
+    schedule.base_lrs = [cfg.optim.lr] * len(groups)
+    for group in groups:
+        group.update(lr=lr, initial_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    schedule._last_lr = [lr] * len(groups)

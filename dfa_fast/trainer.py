@@ -16,6 +16,7 @@ import json
 import math
 import random
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -31,8 +32,8 @@ from dfa_fast.data.beton import load_sidecar, read_int_field, write_json_atomic
 from dfa_fast.data.loaders import make_eval_loader, make_train_loader
 from dfa_fast.data.splits import ratio_tag
 from dfa_fast.distributed import all_gather_batch, average_over_ranks, rank_and_world
-from dfa_fast.engine import (initialize, load_ds_config, prepare_environment, resolve_device,
-                             world_size)
+from dfa_fast.engine import (apply_optim_config, initialize, load_ds_config, prepare_environment,
+                             resolve_device, world_size)
 from dfa_fast.environment import machine, native_bf16, versions
 from dfa_fast.errors import DfaError
 from dfa_fast.evaluate import evaluate
@@ -138,12 +139,16 @@ class Checkpoints:
 
     A pointer file (``latest``, ``best``) names the tag; it is replaced only after the save finished
     on every rank, and older tags are deleted only then, so a crash during a save keeps the previous
-    checkpoint usable.
+    checkpoint usable. Tags never repeat within a run (a resumed session adds ``-r<k>``), so no save
+    writes into a checkpoint a pointer names. ``latest.json`` also records the best checkpoint of
+    that moment, which is kept until the next ``latest`` save: a resume points ``best`` back at it,
+    the model its restored record selected (a newer best belongs to the abandoned continuation).
     """
 
     def __init__(self, run_dir: Path, rank: int):
         self.folder = run_dir / "checkpoints"
         self.rank = rank
+        self.session = 0  # how many times the run was resumed: part of every tag it writes
 
     def pointer(self, name: str) -> Optional[dict]:
         """Return the pointer {"tag", "step"} of ``latest`` or ``best``, or None."""
@@ -152,16 +157,45 @@ class Checkpoints:
 
     def save(self, engine, name: str, step: int, client_state: dict) -> None:
         """Save a checkpoint (on every rank) and point ``name`` at it."""
-        tag = f"{name}-step{step:07d}"
-        old = self.pointer(name)
+        tag = f"{name}-step{step:07d}" + (f"-r{self.session}" if self.session else "")
         engine.save_checkpoint(str(self.folder), tag=tag, client_state=client_state,
                                save_latest=False)
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
-        if self.rank == 0:
-            write_json_atomic(self.folder / f"{name}.json", {"tag": tag, "step": step})
-            if old and old["tag"] != tag:
-                shutil.rmtree(self.folder / old["tag"], ignore_errors=True)
+        if self.rank != 0:
+            return
+        old, best, latest = self.pointer(name), self.pointer("best"), self.pointer("latest")
+        pointer = {"tag": tag, "step": step}
+        if name == "latest":
+            pointer["best"] = best
+        write_json_atomic(self.folder / f"{name}.json", pointer)
+        if old and old["tag"] != tag and not (
+                name == "best" and latest and (latest.get("best") or {}).get("tag") == old["tag"]):
+            shutil.rmtree(self.folder / old["tag"], ignore_errors=True)
+        if name == "latest":
+            self._drop_best_except(best)
+
+    def _drop_best_except(self, keep: Optional[dict]) -> None:
+        for path in self.folder.glob("best-step*"):
+            if path.is_dir() and (keep is None or path.name != keep["tag"]):
+                shutil.rmtree(path, ignore_errors=True)
+
+    def rewind(self) -> Optional[dict]:
+        """Make the folder what it was at the ``latest`` save (rank 0 changes files; every rank
+        returns): ``best`` points at the best of that moment again, later best checkpoints are
+        deleted. Without a ``latest`` checkpoint, every checkpoint is deleted. Returns the
+        ``latest`` pointer or None."""
+        latest = self.pointer("latest")
+        if self.rank == 0 and (latest is None or "best" in latest):
+            keep = latest["best"] if latest else None
+            if keep is None:
+                (self.folder / "best.json").unlink(missing_ok=True)
+            else:
+                write_json_atomic(self.folder / "best.json", keep)
+            self._drop_best_except(keep)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        return latest
 
     def load(self, engine, name: str) -> dict:
         """Load the checkpoint ``name`` points at into the engine; return its client state."""
@@ -261,15 +295,26 @@ class Trainer:
         return cfg
 
     def _restore(self) -> None:
-        client = self.checkpoints.load(self.engine, "latest")
-        self.start_step = client["step"]
-        self.method.load_state_dict(client["method"])
-        self.train_loader.load_state_dict(client["loader"])
-        _set_rng_state(client["rng"])
-        self.record.load_state_dict(client["record"])
-        self.wall_before = client.get("wall_seconds", 0.0)
-        self.stat_sums = {k: v.to(self.device) for k, v in client["stat_sums"].items()}
-        self.stat_count = client["stat_count"]
+        if self.checkpoints.rewind() is None:
+            # Stopped before its first checkpoint: nothing to continue, so the run starts over
+            # (everything was built from the seed exactly as for a new run).
+            if self.is_main:
+                print(f"dfa-fast: {self.run_dir} has no checkpoint yet; starting it over from "
+                      "step 0", file=sys.stderr)
+        else:
+            client = self.checkpoints.load(self.engine, "latest")
+            self.start_step = client["step"]
+            self.method.load_state_dict(client["method"])
+            self.train_loader.load_state_dict(client["loader"])
+            _set_rng_state(client["rng"])
+            self.record.load_state_dict(client["record"])
+            self.wall_before = client.get("wall_seconds", 0.0)
+            self.stat_sums = {k: v.to(self.device) for k, v in client["stat_sums"].items()}
+            self.stat_count = client["stat_count"]
+            self.checkpoints.session = client.get("session", 0) + 1
+            # The optimizer state came from the checkpoint; its learning rate and weight decay
+            # follow the run's config (which a forced resume may have changed).
+            apply_optim_config(self.engine, self.cfg)
         if self.is_main:  # drop metrics logged after the checkpoint: they will be logged again
             path = self.run_dir / METRICS_FILE
             if path.is_file():
@@ -283,6 +328,7 @@ class Trainer:
                 "loader": self.train_loader.state_dict(),
                 "rng": _rng_state(), "record": self.record.state_dict(),
                 "wall_seconds": wall, "stat_count": self.stat_count,
+                "session": self.checkpoints.session,
                 "stat_sums": {k: v.cpu() for k, v in self.stat_sums.items()}}
 
     def _log(self, entry: dict) -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dfa_fast import config
+from dfa_fast.cli import main
 from dfa_fast.errors import DfaError
 from dfa_fast.trainer import Trainer, evaluate_run, train
 
@@ -106,6 +107,77 @@ def test_resume_with_a_different_config_is_refused_unless_forced(cmnist_full, tm
         Trainer(longer, tmp_path / "r")
     forced = Trainer(changed, tmp_path / "r", resume=True, force=True)
     assert forced.start_step == 5 and forced.cfg.optim.lr == 0.5
+    assert forced.engine.get_lr() == [0.5]  # the checkpoint's optimizer state held lr 0.01
+    forced.run()
+    lines = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["lr"] for l in lines if l["kind"] == "train"] == [0.01, 0.5]
+
+
+def test_forced_resume_takes_the_new_learning_rate_at_its_place_in_the_schedule(cmnist_full,
+                                                                                tmp_path):
+    data = cmnist_full / "1pct"
+    train(disent_cfg(data, 40), tmp_path / "r")  # last checkpoint after 25 steps, one decay
+    changed = run_config(data, train={"steps": 50, "eval_every": 20, "log_every": 10,
+                                      "ckpt_every": 25},
+                         method={"swap_start": 10},
+                         optim={"lr_decay_start": 15, "lr_decay_step": 15, "lr": 0.004,
+                                "weight_decay": 1e-4})
+    changed.train.steps = 40
+    resumed = Trainer(changed, tmp_path / "r", resume=True, force=True)
+    assert resumed.start_step == 40
+    assert resumed.engine.get_lr() == [pytest.approx(0.004 * 0.5 ** 1)]  # step 40: 1 decay
+    groups = resumed.engine.optimizer.param_groups
+    assert all(g["weight_decay"] == 1e-4 for g in groups)
+    resumed.engine.lr_scheduler.step()  # the schedule goes on from the new base
+    assert resumed.engine.get_lr() == [pytest.approx(0.004 * 0.5 ** 1)]
+
+
+def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_over(cmnist_full, tmp_path,
+                                                                          monkeypatch):
+    data = cmnist_full / "1pct"
+    cfg = run_config(data, train={"steps": 12, "eval_every": 4, "log_every": 4,
+                                  "ckpt_every": 100})
+    full = train(cfg, tmp_path / "full")
+    part = Trainer(cfg, tmp_path / "part")
+    real_step = part.method.step
+
+    def interrupted(batch, step):
+        if step == 9:
+            raise KeyboardInterrupt
+        return real_step(batch, step)
+    monkeypatch.setattr(part.method, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        part.run()
+    assert part.checkpoints.pointer("latest") is None and part.checkpoints.pointer("best")
+    resumed = Trainer(None, tmp_path / "part", resume=True)
+    assert resumed.start_step == 0 and resumed.checkpoints.pointer("best") is None
+    assert not list((tmp_path / "part" / "checkpoints").glob("best-*"))
+    assert resumed.run()["final"] == full["final"]
+    lines = [(tmp_path / run / "metrics.jsonl").read_text().splitlines() for run in ("full", "part")]
+    assert len(lines[0]) == len(lines[1])
+
+
+def test_checkpoint_tags_never_repeat_and_a_resume_rewinds_the_best_pointer(cmnist_full,
+                                                                           tmp_path):
+    trainer = Trainer(run_config(cmnist_full / "1pct", train={"steps": 5}), tmp_path / "run")
+    ckpt, engine = trainer.checkpoints, trainer.engine
+    folders = lambda: sorted(p.name for p in ckpt.folder.iterdir() if p.is_dir())  # noqa: E731
+    ckpt.save(engine, "best", 1, {"step": 1})
+    ckpt.save(engine, "latest", 1, {"step": 1})
+    ckpt.save(engine, "best", 3, {"step": 3})
+    ckpt.save(engine, "best", 5, {"step": 5})
+    # best-1 stays while latest (which records it) is the checkpoint a resume would load
+    assert folders() == ["best-step0000001", "best-step0000005", "latest-step0000001"]
+    assert ckpt.pointer("latest")["best"] == {"tag": "best-step0000001", "step": 1}
+    assert ckpt.rewind()["tag"] == "latest-step0000001"
+    assert ckpt.pointer("best") == {"tag": "best-step0000001", "step": 1}
+    assert folders() == ["best-step0000001", "latest-step0000001"]
+    ckpt.session = 1  # a resumed session: its saves get tags of their own
+    ckpt.save(engine, "best", 5, {"step": 5})
+    assert folders() == ["best-step0000001", "best-step0000005-r1", "latest-step0000001"]
+    ckpt.save(engine, "latest", 5, {"step": 5})
+    assert folders() == ["best-step0000005-r1", "latest-step0000005-r1"]
+    assert ckpt.load(engine, "best")["step"] == 5
 
 
 def test_data_without_matching_sidecar_is_refused(cmnist_full, tmp_path):
@@ -124,7 +196,9 @@ def test_data_without_matching_sidecar_is_refused(cmnist_full, tmp_path):
     (lambda: config.resolve("cmnist", 3, "disent"), "no ratio 3%; available: 0.5, 1, 2, 5"),
     (lambda: config.resolve("cmnist", 1, "jtt"), "no method 'jtt'; available: vanilla, lff, disent"),
     (lambda: config.resolve("cmnist", 1, "disent", {"optim": {"lrr": 1}}),
-     "unknown config key optim.lrr"),
+     "--set: unknown config key optim.lrr"),
+    (lambda: config.resolve("cmnist", 1, "disent", {"train": {"steps": "many"}}),
+     "train.steps='many' is not valid; expected an int"),
     (lambda: config.resolve("cmnist", 1, "disent", {"optimizer": {"lr": 1}}),
      "unknown config section 'optimizer'"),
     (lambda: config.resolve("cmnist", 1, "disent", {"optim": {"lr": "fast"}}),
@@ -137,6 +211,23 @@ def test_data_without_matching_sidecar_is_refused(cmnist_full, tmp_path):
 def test_config_errors(call, message):
     with pytest.raises(DfaError, match=message.replace("(", r"\(").replace(")", r"\)")):
         call()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "cmnist", "--ratio", "3", "--method", "disent"],
+     "preset cmnist has no ratio 3%; available: 0.5, 1, 2, 5"),
+    (["--preset", "mnist", "--ratio", "1", "--method", "disent"],
+     "unknown preset 'mnist'; available: bffhq, cifar10c, cmnist"),
+    (["--preset", "cmnist", "--ratio", "1", "--method", "jtt"], "unknown method 'jtt'"),
+    (["--preset", "cmnist", "--ratio", "1", "--method", "disent", "--set", "optim.lrr=1"],
+     "--set: unknown config key optim.lrr"),
+])
+def test_train_command_checks_its_choices_before_looking_for_the_data(args, message, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "run"
+    assert main(["train", *args, "--data", str(tmp_path / "none"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists()
 
 
 def test_overrides_parse_yaml_scalars():
