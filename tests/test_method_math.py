@@ -8,6 +8,7 @@ import torch
 
 from dfa_fast import config, ops
 from dfa_fast.data.loaders import Batch
+from dfa_fast.engine import build_ds_config, initialize, prepare_environment
 from dfa_fast.methods import build_method
 
 Q, ALPHA = 0.7, 0.7
@@ -148,6 +149,9 @@ def reference_disent_loss(params, x, y, index, ema_i, ema_b, seen, labels, perm,
 def test_whole_disent_step_loss_gradients_and_adam_update(swap):
     method = small_disent(swap_start=0 if swap else 10 ** 6)
     model, ema = method.model, method.ema
+    # The trainer's own engine: DeepSpeed with fused Adam and the LR schedule, as in a run.
+    prepare_environment(torch.device("cpu"))
+    engine = initialize(model, method.cfg, build_ds_config(method.cfg, 1))
     ema.ema_i.uniform_(0, 2)  # a run in progress: some samples seen, others not
     ema.ema_b.uniform_(0, 2)
     ema.seen[:150] = True
@@ -159,7 +163,7 @@ def test_whole_disent_step_loss_gradients_and_adam_update(swap):
     y = ema.labels[index]
     generator_state = method.generator.get_state()
     loss, _ = method.step(Batch(x, y, y.clone(), index), step=5)
-    loss.backward()
+    engine.backward(loss)
     perm = None
     if swap:  # the permutation the step drew, recomputed from the generator's state
         method.generator.set_state(generator_state)
@@ -174,10 +178,11 @@ def test_whole_disent_step_loss_gradients_and_adam_update(swap):
     for name, p in model.named_parameters():
         ref = params[name].grad
         assert torch.allclose(p.grad.double(), ref, rtol=1e-3, atol=1e-5 * ref.abs().max()), name
-    # One Adam step from these gradients (lr 1e-2, first step: lr * g / (|g| + eps)); where the
-    # gradient is within float32 noise of 0 the step's size is ill-conditioned, so compare the rest.
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    optimizer.step()
+    # The engine's Adam step from these gradients (lr 1e-2, first step: lr * g / (|g| + eps));
+    # where the gradient is within float32 noise of 0 the step's size is ill-conditioned, so
+    # compare the rest.
+    assert engine.get_lr() == [1e-2]
+    engine.step()
     for name, p in model.named_parameters():
         g = params[name].grad
         expected = before[name].double() - 1e-2 * g / (g.abs() + 1e-8)
