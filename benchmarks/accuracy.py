@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_results  # noqa: E402
 
 from dfa_fast.config import load_preset  # noqa: E402
+from dfa_fast.errors import DfaError  # noqa: E402
 from dfa_fast.report import aggregate, find_summaries, markdown_table  # noqa: E402
 
 
@@ -79,10 +80,15 @@ def main() -> None:
                 running.remove((process, cell))
                 print(f"done {cell} exit {process.returncode}", flush=True)
     wanted = {(float(r), m, s) for r, m, s in cells}
-    summaries = [s for s in find_summaries([root])
-                 if (float(s["ratio_pct"]), s["method"], s["seed"]) in wanted]
+    try:
+        summaries = [s for s in find_summaries([root])
+                     if (float(s["ratio_pct"]), s["method"], s["seed"]) in wanted]
+    except DfaError as err:
+        raise SystemExit(f"{err}; nothing written") from None
     found = {(float(s["ratio_pct"]), s["method"], s["seed"]) for s in summaries}
     missing = [f"{r:g}% {m} seed {s}" for r, m, s in sorted(wanted - found)]
+    if not summaries:  # keep the results already written rather than replace them by nothing
+        raise SystemExit(f"{root}: no finished run of the requested cells; nothing written")
     if missing:
         print(f"warning: {len(missing)} cell(s) have no finished run and are left out: "
               f"{', '.join(missing)}", file=sys.stderr)
@@ -96,13 +102,16 @@ def main() -> None:
               "last step, ratio-valid selected = the checkpoint a valid split at the training "
               "ratio would pick by plain accuracy (the published protocol's valid split; computed "
               "as (1 - r) x aligned + r x conflicting valid accuracy): the trap of selecting on "
-              "it. LfF uses the benchmark's lr, batch and steps with EMA alpha 0.7 and "
-              "q 0.7, no LR decay. One thread per run, runs in parallel up to the cores.")
+              "it. One thread per run, runs in parallel up to the cores.")
+    changes = [f"`--set {o}`" for o in args.set] + ([f"`--steps {args.steps}`"] if args.steps
+                                                     else [])
+    if changes:
+        table += "\n\nNot the published presets: every run had " + ", ".join(changes) + "."
+    else:
+        table += ("\n\nLfF uses the benchmark's lr, batch and steps with EMA alpha 0.7 and q 0.7, "
+                  "no LR decay (METHOD.md section 5).")
     if missing:
         table += "\n\nLeft out (no finished run): " + ", ".join(missing) + "."
-    if args.set:
-        table += "\n\nNot the published presets: every run had " + ", ".join(
-            f"`--set {o}`" for o in args.set) + "."
     write_results(args.name or f"accuracy-{args.dataset}",
                   {"rows": rows, "dataset": args.dataset, "overrides": args.set,
                    "missing_cells": missing}, table)
