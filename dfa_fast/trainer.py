@@ -169,8 +169,9 @@ class Checkpoints:
         if name == "latest":
             pointer["best"] = best
         write_json_atomic(self.folder / f"{name}.json", pointer)
-        if old and old["tag"] != tag and not (
-                name == "best" and latest and (latest.get("best") or {}).get("tag") == old["tag"]):
+        # The best that ``latest`` records stays until the next latest save (see `rewind`).
+        kept = ((latest or {}).get("best") or {}).get("tag")
+        if old and old["tag"] not in (tag, kept):
             shutil.rmtree(self.folder / old["tag"], ignore_errors=True)
         if name == "latest":
             self._drop_best_except(best)

@@ -57,20 +57,25 @@ def disent_cfg(data_dir, steps):
                       optim={"lr_decay_start": 15, "lr_decay_step": 15})
 
 
+def interrupt_at(trainer, stop_step, monkeypatch):
+    """Run ``trainer`` as if the machine went down during step ``stop_step``; return it."""
+    real_step = trainer.method.step
+
+    def interrupted(batch, step):
+        if step == stop_step:
+            raise KeyboardInterrupt
+        return real_step(batch, step)
+    monkeypatch.setattr(trainer.method, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    return trainer
+
+
 def test_resumed_run_matches_an_uninterrupted_one(cmnist_full, tmp_path, monkeypatch):
     data = cmnist_full / "1pct"
     full = Trainer(disent_cfg(data, 50), tmp_path / "full")
     full_summary = full.run()
-    part = Trainer(disent_cfg(data, 50), tmp_path / "part")
-    real_step = part.method.step
-
-    def interrupted(batch, step):  # as if the machine went down during step 33
-        if step == 33:
-            raise KeyboardInterrupt
-        return real_step(batch, step)
-    monkeypatch.setattr(part.method, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        part.run()
+    interrupt_at(Trainer(disent_cfg(data, 50), tmp_path / "part"), 33, monkeypatch)
     resumed = Trainer(disent_cfg(data, 50), tmp_path / "part", resume=True)
     assert resumed.start_step == 25
     resumed_summary = resumed.run()
@@ -148,16 +153,7 @@ def test_resuming_a_run_stopped_before_its_first_checkpoint_starts_it_over(cmnis
     cfg = run_config(data, train={"steps": 12, "eval_every": 4, "log_every": 4,
                                   "ckpt_every": 100})
     full = train(cfg, tmp_path / "full")
-    part = Trainer(cfg, tmp_path / "part")
-    real_step = part.method.step
-
-    def interrupted(batch, step):
-        if step == 9:
-            raise KeyboardInterrupt
-        return real_step(batch, step)
-    monkeypatch.setattr(part.method, "step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        part.run()
+    part = interrupt_at(Trainer(cfg, tmp_path / "part"), 9, monkeypatch)
     assert part.checkpoints.pointer("latest") is None and part.checkpoints.pointer("best")
     resumed = Trainer(None, tmp_path / "part", resume=True)
     assert resumed.start_step == 0 and resumed.checkpoints.pointer("best") is None
