@@ -36,15 +36,32 @@ Gather = Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
+# Below this many classes, log-softmax runs over the transposed view (see `log_softmax`).
+NARROW_ROWS = 16
+
+
+def log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Return the row-wise log-softmax (B, C) in float32.
+
+    With fewer than 16 classes the rows are narrower than torch's CPU vector width, and its kernel
+    handles them element by element (256 x 10: 31 us, against 6 us over the transposed view, where
+    the batch is the vectorised dimension). Both give the same values and gradients bit for bit.
+    """
+    x = logits.float()
+    if x.shape[1] < NARROW_ROWS:
+        return F.log_softmax(x.t(), dim=0).t()
+    return F.log_softmax(x, dim=1)
+
+
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Return the per-sample cross-entropy (B,) in float32."""
-    return F.cross_entropy(logits.float(), target, reduction="none")
+    return -log_softmax(logits).gather(1, target[:, None]).squeeze(1)
 
 
 def gce(logits: torch.Tensor, target: torch.Tensor, q: float = 0.7,
         form: str = "reference") -> torch.Tensor:
     """Return the per-sample generalized cross-entropy (B,) in float32 (see the module docstring)."""
-    log_p_y = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+    log_p_y = log_softmax(logits).gather(1, target[:, None]).squeeze(1)
     if form == "reference":
         # q * p_y^q as a constant weight on the cross-entropy: the reference code's form.
         return -log_p_y * (q * torch.exp(q * log_p_y.detach()))

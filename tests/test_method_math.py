@@ -41,6 +41,21 @@ def test_gce_value_and_gradient_carry_the_extra_factor_q():
             assert x.grad[i].tolist() == pytest.approx(grad, rel=1e-4, abs=1e-7)
 
 
+@pytest.mark.parametrize("classes", [2, 10, 15, 16, 100])
+def test_cross_entropy_equals_torch_bit_for_bit(classes):
+    # Narrow rows (fewer than 16 classes) take the transposed log-softmax: same bits as torch's.
+    logits = torch.randn(256, classes) * 4
+    target = torch.randint(0, classes, (256,))
+    weight = torch.rand(256)
+    x, y = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    ours = ops.cross_entropy(x, target)
+    theirs = torch.nn.functional.cross_entropy(y, target, reduction="none")
+    assert torch.equal(ours, theirs)
+    (ours * weight).sum().backward()
+    (theirs * weight).sum().backward()
+    assert torch.equal(x.grad, y.grad)
+
+
 def loop_ema(ema, seen, index, loss):
     """The EMA rule sample by sample (duplicates: the mean of their losses, applied once)."""
     ema, seen = list(ema), list(seen)
