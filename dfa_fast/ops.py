@@ -1,9 +1,16 @@
 """The one place that chooses how the DisEnt/LfF loss operations are computed.
 
-CUDA tensors go to the fused Triton kernels (`dfa_fast.kernels.triton_ops`), everything else to the
-PyTorch reference (`dfa_fast.kernels.reference`). ``DFA_KERNELS=triton|torch`` forces one of them
-(``triton`` on a CPU tensor needs ``TRITON_INTERPRET=1``, which the tests set). Both modules expose
-the same functions with the same signatures; methods call these wrappers, never a kernel directly.
+Three backends with the same functions and signatures (methods call these wrappers, never a kernel
+directly):
+
+* ``triton``: the fused Triton kernels (`dfa_fast.kernels.triton_ops`), the default for CUDA tensors;
+* ``fused``: the default everywhere else (CPUs): the DisEnt head as one autograd function of PyTorch
+  operations with closed-form gradients (`dfa_fast.kernels.fused_torch`), the other operations as
+  in the reference;
+* ``torch``: the PyTorch reference (`dfa_fast.kernels.reference`), which defines the semantics.
+
+``DFA_KERNELS=triton|fused|torch`` forces one (``triton`` on a CPU tensor needs
+``TRITON_INTERPRET=1``, which the tests set).
 """
 from __future__ import annotations
 
@@ -12,26 +19,27 @@ from types import ModuleType
 
 import torch
 
-from dfa_fast.kernels import reference
+from dfa_fast.kernels import fused_torch, reference
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "fused", "torch")
 
 
 def backend(tensor: torch.Tensor) -> str:
-    """Return the backend ("triton" or "torch") that computes operations on ``tensor``."""
+    """Return the backend ("triton", "fused" or "torch") that computes operations on ``tensor``."""
     forced = os.environ.get("DFA_KERNELS", "")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"DFA_KERNELS={forced!r} is not a backend; expected one of {BACKENDS}")
         return forced
-    return "triton" if tensor.is_cuda else "torch"
+    return "triton" if tensor.is_cuda else "fused"
 
 
 def _impl(tensor: torch.Tensor) -> ModuleType:
-    if backend(tensor) == "triton":
+    name = backend(tensor)
+    if name == "triton":
         from dfa_fast.kernels import triton_ops  # imported lazily: Triton is not needed on a CPU
         return triton_ops
-    return reference
+    return fused_torch if name == "fused" else reference
 
 
 def cross_entropy(logits, target):

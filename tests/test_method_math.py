@@ -1,6 +1,6 @@
-"""The loss math of LfF/DisEnt through `dfa_fast.ops` (PyTorch path) against plain per-sample
-references written here in float64: GCE, EMA, class max, W, swap semantics, stop-gradients, the
-learning-rate schedule and one whole DisEnt step's parameter update."""
+"""The loss math of LfF/DisEnt through `dfa_fast.ops` (both PyTorch backends) against plain
+per-sample references written here in float64: GCE, EMA, class max, W, swap semantics,
+stop-gradients, the learning-rate schedule and one whole DisEnt step's parameter update."""
 import math
 
 import pytest
@@ -14,9 +14,10 @@ from dfa_fast.methods import build_method
 Q, ALPHA = 0.7, 0.7
 
 
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    monkeypatch.setenv("DFA_KERNELS", "torch")
+@pytest.fixture(autouse=True, params=["torch", "fused"])
+def torch_path(request, monkeypatch):
+    """Every test on the reference and on the fused PyTorch head (the CPU default)."""
+    monkeypatch.setenv("DFA_KERNELS", request.param)
 
 
 def softmax_row(row):

@@ -17,15 +17,15 @@ from kernel_oracle import device, poison, seed  # noqa: F401 (fixtures)
 LAMBDAS = {"lambda_dis": 10.0, "lambda_swap_b": 10.0, "lambda_swap": 1.0}
 
 
-def test_cpu_tensors_use_the_reference(monkeypatch):
+def test_cpu_tensors_use_the_pytorch_backends(monkeypatch):
     monkeypatch.delenv("DFA_KERNELS", raising=False)
-    assert ops.backend(torch.zeros(1)) == "torch"
+    assert ops.backend(torch.zeros(1)) == "fused"
     logits = torch.randn(4, 3, requires_grad=True)
     loss = ops.gce(logits, torch.tensor([0, 1, 2, 0]))
     assert "RowLoss" not in type(loss.grad_fn).__name__
 
 
-@pytest.mark.parametrize("forced", ("triton", "torch"))
+@pytest.mark.parametrize("forced", ("triton", "fused", "torch"))
 def test_environment_forces_a_backend(forced, device, monkeypatch):
     monkeypatch.setenv("DFA_KERNELS", forced)
     assert ops.backend(torch.zeros(1, device=device)) == forced

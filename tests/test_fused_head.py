@@ -1,0 +1,100 @@
+"""The fused PyTorch DisEnt head (the default on CPUs, `kernels/fused_torch.py`) against the
+reference (`kernels/reference.py`): loss, statistics, every input gradient and the EMA buffers, on
+random inputs over batch sizes, class and feature counts, both GCE forms, with and without a swap
+and a bias, in float32 and bfloat16; and under a gradient that is not 1 (gradient accumulation)."""
+import pytest
+import torch
+
+from dfa_fast import ops
+from kernel_oracle import clone_state, random_state
+from kernel_oracle import seed  # noqa: F401 (fixture)
+
+LAMBDAS = {"lambda_dis": 10.0, "lambda_swap_b": 10.0, "lambda_swap": 1.0}
+# float32: the same products and log-softmax as the reference, sums in another order.
+FP32 = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def assert_close(actual, expected, what, rtol, atol):
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=rtol, atol=atol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def head(backend, monkeypatch, inputs, state, num_classes, perm, grad_scale=1.0, **kwargs):
+    """Run ops.disent_head on ``backend``; return the loss, statistics, input gradients, state."""
+    monkeypatch.setenv("DFA_KERNELS", backend)
+    leaves = [t.clone().requires_grad_() if t is not None else None for t in inputs[:6]]
+    state = clone_state(state)
+    loss, stats = ops.disent_head(*leaves, *inputs[6:], *state, num_classes, perm,
+                                  **{**LAMBDAS, **kwargs})
+    (loss * grad_scale).backward()
+    return loss.detach(), stats, [t.grad if t is not None else None for t in leaves], state
+
+
+@pytest.mark.parametrize("batch,classes,features", [(1, 2, 16), (7, 3, 33), (64, 10, 16),
+                                                    (257, 100, 16), (256, 10, 16)])
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("form", ["reference", "textbook"])
+def test_fused_head_matches_the_reference(batch, classes, features, swap, form, seed,
+                                          monkeypatch):
+    N = 600
+    state = random_state(N, classes, "cpu")
+    index = torch.randperm(N)[:batch]
+    if batch > 1:
+        index[-1] = index[0]  # a duplicated sample: the EMA takes the mean of its losses
+    inputs = [torch.randn(batch, features) * 2, torch.randn(batch, features) * 2,
+              torch.randn(classes, 2 * features), torch.randn(classes),
+              torch.randn(classes, 2 * features), torch.randn(classes),
+              state[3][index], index]
+    perm = torch.randperm(batch) if swap else None
+    kwargs = {"q": 0.7, "alpha": 0.7, "gce_form": form}
+    fused = head("fused", monkeypatch, inputs, state, classes, perm, **kwargs)
+    ref = head("torch", monkeypatch, inputs, state, classes, perm, **kwargs)
+    assert_close(fused[0], ref[0], "loss", **FP32)
+    assert set(fused[1]) == set(ref[1])
+    for key in ref[1]:
+        assert_close(fused[1][key], ref[1][key], f"stat {key}", **FP32)
+    names = ("z_i", "z_b", "weight_i", "bias_i", "weight_b", "bias_b")
+    for name, got, want in zip(names, fused[2], ref[2]):
+        assert_close(got, want, f"gradient of {name}", **FP32)
+    for got, want, name in zip(fused[3][:2], ref[3][:2], ("ema_i", "ema_b")):
+        assert_close(got, want, name, **FP32)
+    assert torch.equal(fused[3][2], ref[3][2]), "seen flags differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_head_dtypes_bias_and_scaled_gradient(dtype, bias, seed, monkeypatch):
+    # Pure half-precision runs (train.precision=bf16) hand the head bf16 features and weights;
+    # grad_scale 0.25 is what gradient accumulation over 4 micro-batches sends back.
+    B, C, D, N = 64, 10, 16, 300
+    state = random_state(N, C, "cpu")
+    index = torch.randperm(N)[:B]
+    inputs = [torch.randn(B, D).to(dtype), torch.randn(B, D).to(dtype),
+              torch.randn(C, 2 * D).to(dtype), torch.randn(C).to(dtype) if bias else None,
+              torch.randn(C, 2 * D).to(dtype), torch.randn(C).to(dtype) if bias else None,
+              state[3][index], index]
+    perm = torch.randperm(B)
+    fused = head("fused", monkeypatch, inputs, state, C, perm, grad_scale=0.25)
+    ref = head("torch", monkeypatch, inputs, state, C, perm, grad_scale=0.25)
+    tol = FP32 if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    assert_close(fused[0], ref[0], "loss", **tol)
+    for got, want in zip(fused[2], ref[2]):
+        assert (got is None) == (want is None)
+        if got is not None:
+            assert got.dtype == dtype
+            assert_close(got, want, "gradient", **tol)
+    for got, want in zip(fused[3], ref[3]):
+        assert_close(got, want, "EMA state", **tol)
+
+
+def test_fused_head_is_the_cpu_default_and_one_autograd_node(monkeypatch):
+    monkeypatch.delenv("DFA_KERNELS", raising=False)
+    assert ops.backend(torch.zeros(1)) == "fused"
+    B, C, D, N = 8, 3, 4, 20
+    state = random_state(N, C, "cpu")
+    index = torch.arange(B)
+    z_i, z_b = torch.randn(B, D, requires_grad=True), torch.randn(B, D, requires_grad=True)
+    loss, _ = ops.disent_head(z_i, z_b, torch.randn(C, 2 * D), torch.randn(C),
+                              torch.randn(C, 2 * D), torch.randn(C), state[3][index], index,
+                              *state, C, torch.randperm(B), **LAMBDAS)
+    assert type(loss.grad_fn).__name__ == "DisentHeadFunctionBackward"
