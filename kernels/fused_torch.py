@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import reference as _reference
 from .reference import (Gather, cross_entropy, gce, lff_head, permute_concat, sample_weights,
@@ -91,6 +92,7 @@ class DisentHeadFunction(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
+    @once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, grad_loss, _grad_stats):
         grad, rows, weight_i, weight_b, perm = ctx.saved_tensors
         B, D, k = ctx.shape

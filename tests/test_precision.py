@@ -12,9 +12,10 @@ from dfa_fast.methods import build_method
 from dfa_fast.trainer import load_run, train
 
 
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    monkeypatch.setenv("DFA_KERNELS", "torch")
+@pytest.fixture(autouse=True, params=["torch", "fused"])
+def torch_path(request, monkeypatch):
+    """Every test on the reference and on the fused PyTorch head (the CPU default)."""
+    monkeypatch.setenv("DFA_KERNELS", request.param)
 
 
 def make_method(name, precision):
