@@ -23,8 +23,6 @@ inputs, the same log-softmax, and the EMA update and weights through the same
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -112,32 +110,23 @@ class DisentHeadFunction(torch.autograd.Function):
         return (d_z_i, d_z_b, d_weight_i, d_bias_i, d_weight_b, d_bias_b) + (None,) * 15
 
 
-def disent_head(z_i: torch.Tensor, z_b: torch.Tensor,
-                weight_i: torch.Tensor, bias_i: Optional[torch.Tensor],
-                weight_b: torch.Tensor, bias_b: Optional[torch.Tensor],
-                label: torch.Tensor, index: torch.Tensor,
-                ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
-                labels: torch.Tensor, num_classes: int,
-                perm: Optional[torch.Tensor], *,
-                lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
-                q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
-                gather: Gather = None,
-                swap_source: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Return the DisEnt loss (scalar) and detached statistics for one step; the contract of
-    ``reference.disent_head`` (which runs when ``swap_source`` is given)."""
+STAT_NAMES = ("ce_i", "gce_b", "weight", "loss_dis", "loss_swap")  # loss_swap: with a swap only
+
+
+def disent_head(*args, swap_source=None, **kwargs):
+    """Return the DisEnt loss (scalar) and detached statistics for one step, with the arguments
+    and contract of ``reference.disent_head`` (which runs when ``swap_source`` is given)."""
     if swap_source is not None:
-        return _reference.disent_head(
-            z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b, seen,
-            labels, num_classes, perm, lambda_dis=lambda_dis, lambda_swap_b=lambda_swap_b,
-            lambda_swap=lambda_swap, q=q, alpha=alpha, gce_form=gce_form, gather=gather,
-            swap_source=swap_source)
-    loss, acc = DisentHeadFunction.apply(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label,
-                                         index, ema_i, ema_b, seen, labels, num_classes, perm,
-                                         lambda_dis, lambda_swap_b, lambda_swap, q, alpha,
-                                         gce_form, gather)
-    names = ["ce_i", "gce_b", "weight", "loss_dis"] + (["loss_swap"] if perm is not None else [])
-    return loss, dict(zip(names, acc.unbind()))
+        return _reference.disent_head(*args, swap_source=swap_source, **kwargs)
+    return _fused_head(*args, **kwargs)
+
+
+def _fused_head(*tensors, lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
+                q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
+                gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss, acc = DisentHeadFunction.apply(*tensors, lambda_dis, lambda_swap_b, lambda_swap, q,
+                                         alpha, gce_form, gather)
+    return loss, dict(zip(STAT_NAMES, acc.unbind()))
 
 
 __all__ = ["cross_entropy", "gce", "sample_weights", "weighted_cross_entropy", "permute_concat",
