@@ -17,9 +17,9 @@ is four matrix products:
     dz_b = (G_b + unpermute(G_b')) Wb[:, D:]       (the intrinsic classifier's inputs stop z_b)
 
 The values are those of the reference: the same classifier products on the same concatenated
-inputs, the same log-softmax, and the EMA update and weights through the same
-`reference.sample_weights`; the tests compare both. A swap across data-parallel ranks
-(``swap_source``) runs the reference.
+inputs and the same log-softmax; the EMA update, class maxima and weights are one compiled pass
+(`numba_weighting.sample_weights`) that gives the reference's values bit for bit; the tests compare
+both. A swap across data-parallel ranks (``swap_source``) runs the reference.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import reference as _reference
-from .reference import (Gather, cross_entropy, gce, lff_head, permute_concat, sample_weights,
-                        weighted_cross_entropy)
+from .numba_weighting import sample_weights
+from .reference import Gather, cross_entropy, gce, permute_concat, weighted_cross_entropy
 
 
 def _gce_parts(log_p_y: torch.Tensor, q: float, form: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,6 +127,11 @@ def _fused_head(*tensors, lambda_dis: float, lambda_swap_b: float, lambda_swap: 
     loss, acc = DisentHeadFunction.apply(*tensors, lambda_dis, lambda_swap_b, lambda_swap, q,
                                          alpha, gce_form, gather)
     return loss, dict(zip(STAT_NAMES, acc.unbind()))
+
+
+def lff_head(*args, **kwargs):
+    """`reference.lff_head` with the EMA update and weights of `numba_weighting`."""
+    return _reference.lff_head(*args, weigh=sample_weights, **kwargs)
 
 
 __all__ = ["cross_entropy", "gce", "sample_weights", "weighted_cross_entropy", "permute_concat",

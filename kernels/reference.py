@@ -175,12 +175,13 @@ def disent_head(z_i: torch.Tensor, z_b: torch.Tensor,
 def lff_head(logits_d: torch.Tensor, logits_b: torch.Tensor, label: torch.Tensor,
              index: torch.Tensor, ema_d: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
              labels: torch.Tensor, num_classes: int, *, q: float = 0.7, alpha: float = 0.7,
-             gce_form: str = "reference",
-             gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Return the LfF loss mean(GCE(f_B)) + mean(W * CE(f_D)) and detached statistics."""
+             gce_form: str = "reference", gather: Gather = None,
+             weigh: Optional[Callable] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Return the LfF loss mean(GCE(f_B)) + mean(W * CE(f_D)) and detached statistics;
+    ``weigh``: an implementation of `sample_weights` with its arguments and values."""
     ce_d = cross_entropy(logits_d, label)
-    w = sample_weights(ema_d, ema_b, seen, labels, num_classes, index, label,
-                       ce_d, cross_entropy(logits_b.detach(), label), alpha, gather)
+    w = (weigh or sample_weights)(ema_d, ema_b, seen, labels, num_classes, index, label,
+                                  ce_d, cross_entropy(logits_b.detach(), label), alpha, gather)
     gce_b = gce(logits_b, label, q, gce_form).mean()
     loss = gce_b + (w * ce_d).mean()
     return loss, {"ce_i": ce_d.detach().mean(), "gce_b": gce_b.detach(), "weight": w.mean()}

@@ -1,0 +1,149 @@
+"""The compiled CPU pass for the EMA update and weights (`kernels/numba_weighting.py`) against
+`reference.sample_weights`: the weights, both EMA buffers and the seen flags bit for bit, over
+unique and duplicated indices, class counts, loss dtypes, a data-parallel gather, a class without
+any seen sample (the floor), a NaN, and bad indices."""
+import pytest
+import torch
+
+from dfa_fast.kernels import numba_weighting, reference
+
+
+def random_state(n, classes, gen):
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    seen = torch.rand(n, generator=gen) < 0.5
+    ema_i = torch.rand(n, generator=gen) * 3 * seen
+    ema_b = torch.rand(n, generator=gen) * 3 * seen
+    return ema_i, ema_b, seen, labels
+
+
+def both(state, classes, index, ce_i, ce_b, alpha=0.7, gather=None):
+    """Run the reference and the numba pass on copies of ``state``; return both results."""
+    results = []
+    for impl in (reference.sample_weights, numba_weighting.sample_weights):
+        ema_i, ema_b, seen, labels = (t.clone() for t in state)
+        w = impl(ema_i, ema_b, seen, labels, classes, index, labels[index], ce_i, ce_b, alpha,
+                 gather)
+        results.append((w, ema_i, ema_b, seen))
+    return results
+
+
+def assert_identical(ref, got):
+    for name, want, have in zip(("W", "ema_i", "ema_b", "seen"), ref, got):
+        torch.testing.assert_close(have, want, rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("n,classes,batch", [(600, 2, 7), (5000, 10, 256), (3000, 100, 257),
+                                             (40, 10, 64)])
+def test_bit_identical_to_the_reference_over_a_sequence_of_steps(n, classes, batch):
+    gen = torch.Generator().manual_seed(n + classes)
+    state = random_state(n, classes, gen)
+    for step in range(12):
+        # Every third step draws with replacement (duplicated indices); the scratch array the
+        # kernel keeps between calls then holds stale entries from the steps before.
+        if step % 3 == 0 or batch > n:
+            index = torch.randint(0, n, (batch,), generator=gen)
+        else:
+            index = torch.randperm(n, generator=gen)[:batch]
+        ce_i = torch.rand(batch, generator=gen) * 5
+        ce_b = torch.rand(batch, generator=gen) * 5
+        ref, got = both(state, classes, index, ce_i, ce_b, alpha=0.7 if step % 2 else 0.9)
+        assert_identical(ref, got)
+        state = (ref[1], ref[2], ref[3], state[3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_and_strided_losses(dtype):
+    gen = torch.Generator().manual_seed(1)
+    state = random_state(1000, 10, gen)
+    index = torch.randperm(1000, generator=gen)[:128]
+    losses = (torch.rand(256, generator=gen) * 4).to(dtype)
+    ref, got = both(state, 10, index, losses[::2], losses[1::2])
+    assert_identical(ref, got)
+
+
+def test_gathered_batch_updates_every_sample_and_weighs_the_local_ones():
+    gen = torch.Generator().manual_seed(2)
+    state = random_state(2000, 10, gen)
+    index = torch.randperm(2000, generator=gen)[:96]
+    other = torch.randperm(2000, generator=gen)[:96]  # another rank's samples, some overlapping
+    other_i, other_b = torch.rand(96, generator=gen), torch.rand(96, generator=gen)
+
+    def gather(idx, ce_i, ce_b):
+        return torch.cat([idx, other]), torch.cat([ce_i, other_i]), torch.cat([ce_b, other_b])
+
+    ref, got = both(state, 10, index, torch.rand(96, generator=gen), torch.rand(96, generator=gen),
+                    gather=gather)
+    assert got[0].shape == (96,)
+    assert_identical(ref, got)
+
+
+def test_a_class_without_seen_samples_is_floored_and_a_nan_spreads_to_its_class():
+    gen = torch.Generator().manual_seed(3)
+    ema_i, ema_b, seen, labels = random_state(500, 4, gen)
+    unseen = labels == 0
+    ema_i[unseen], ema_b[unseen], seen[unseen] = 0.0, 0.0, False
+    ema_b[(labels == 2).nonzero()[-1]] = float("nan")  # samples outside the batch
+    ema_i[(labels == 3).nonzero()[-1]] = float("nan")
+    index = torch.cat([(labels == c).nonzero()[:5, 0] for c in (1, 2, 3)])
+    zeros = torch.zeros(len(index))
+    ref, got = both((ema_i, ema_b, seen, labels), 4, index, zeros, zeros)
+    assert_identical(ref, got)
+    weights = got[0].view(3, 5)
+    assert weights[1:].isnan().all() and not weights[0].isnan().any()
+    # Class 0 only now gets its first losses (zero): its maximum is the floor, its weight 0.
+    first = (labels == 0).nonzero()[:4, 0]
+    ref, got = both((ema_i, ema_b, seen, labels), 4, first, torch.zeros(4), torch.zeros(4))
+    assert_identical(ref, got)
+    assert (got[0] == 0).all()
+
+
+@pytest.mark.parametrize("bad", ["index", "negative", "label"])
+def test_out_of_range_indices_raise_instead_of_writing_outside_the_buffers(bad):
+    gen = torch.Generator().manual_seed(4)
+    ema_i, ema_b, seen, labels = random_state(100, 10, gen)
+    index = torch.arange(8)
+    if bad == "index":
+        index[3] = 100
+    elif bad == "negative":
+        index[3] = -1
+    else:
+        labels[50] = 10
+    with pytest.raises(IndexError):
+        numba_weighting.sample_weights(ema_i, ema_b, seen, labels, 10, index,
+                                       labels[index.clamp(0, 99)], torch.rand(8), torch.rand(8),
+                                       0.7)
+
+
+def test_buffers_it_cannot_take_go_to_the_reference():
+    gen = torch.Generator().manual_seed(5)
+    ema_i, ema_b, seen, labels = random_state(400, 10, gen)
+    wide = torch.stack([ema_i, ema_i], 1)  # a strided view of the buffer
+    index = torch.randperm(200, generator=gen)[:32]
+    ce = torch.rand(32, generator=gen)
+    kept, kept_b, kept_seen = wide.clone(), ema_b.clone(), seen.clone()
+    got = numba_weighting.sample_weights(wide[:200, 0], ema_b[:200], seen[:200], labels[:200],
+                                         10, index, labels[index], ce, ce, 0.7)
+    want = reference.sample_weights(kept[:200, 0], kept_b[:200], kept_seen[:200], labels[:200],
+                                    10, index, labels[index], ce, ce, 0.7)
+    assert torch.equal(got, want) and torch.equal(wide, kept) and torch.equal(ema_b, kept_b)
+
+
+def test_lff_head_of_the_fused_backend_matches_the_reference(monkeypatch):
+    from dfa_fast import ops
+    gen = torch.Generator().manual_seed(6)
+    state = random_state(800, 10, gen)
+    index = torch.randperm(800, generator=gen)[:64]
+    index[-1] = index[0]
+    logits = torch.randn(2, 64, 10, generator=gen)
+    results = []
+    for backend in ("torch", "fused"):
+        monkeypatch.setenv("DFA_KERNELS", backend)
+        leaves = [t.clone().requires_grad_() for t in logits]
+        buffers = [t.clone() for t in state]
+        loss, stats = ops.lff_head(*leaves, buffers[3][index], index, *buffers, 10, q=0.7,
+                                   alpha=0.7)
+        loss.backward()
+        results.append([loss.detach(), *stats.values(), *(t.grad for t in leaves), *buffers])
+    for want, got in zip(*results):
+        assert torch.equal(got, want)
