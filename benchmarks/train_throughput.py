@@ -106,18 +106,27 @@ def naive_loader_rate(root: Path, batches: int, warmup: int = 5) -> float:
     return batches * 256 / (time.perf_counter() - start)
 
 
-def first_layer_ms(repeats: int = 20) -> float:
+def first_layer_ms(repeats: int = 20, onednn: bool = False) -> float:
     """Return the time of the DisEnt step's first-layer products alone on this core (ms): two
     encoders' 256 x 2352 x 100 forward products and their weight gradients (the median of
-    ``repeats``), the floor under any fp32 implementation of the step."""
+    ``repeats``) in float32, through PyTorch's own products (MKL's sgemm) or, with ``onednn``,
+    through oneDNN as the trainer's fp32 MLP runs them (`kernels.onednn_linear`)."""
+    from dfa_fast.kernels import onednn_linear
     x, grad = torch.rand(256, 2352), torch.rand(256, 100)
     weight, bias = torch.rand(100, 2352), torch.rand(100)
+    if onednn:
+        def products():
+            onednn_linear.product(x, weight, bias)
+            onednn_linear.product(grad.t(), x.t())
+    else:
+        def products():
+            torch.addmm(bias, x, weight.t())
+            grad.t().mm(x)
     times = []
     for _ in range(repeats + 3):
         start = time.perf_counter()
         for _ in range(2):
-            torch.addmm(bias, x, weight.t())
-            grad.t().mm(x)
+            products()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times[3:])
 
@@ -281,6 +290,7 @@ def main() -> None:
         return gpu(args)
     from dfa_fast.data.beton import read_int_field
     from dfa_fast.environment import native_bf16
+    from dfa_fast.kernels import onednn_linear
     with tempfile.TemporaryDirectory() as scratch:
         data = prepared(args.data, Path(scratch) / "cmnist")
         labels = torch.from_numpy(read_int_field(data / "train.beton", "label").copy())
@@ -288,6 +298,7 @@ def main() -> None:
         export_pngs(data / "train.beton", png)
         # bf16_mixed is timed only where the CPU multiplies bf16 natively (else it is emulated).
         bf16 = native_bf16()
+        onednn = onednn_linear.available()
         # Alternating rounds: this machine's speed drifts, so each figure is a median of rounds,
         # and within a round the naive loop runs between the two dfa-fast measurements.
         rounds = []
@@ -298,10 +309,11 @@ def main() -> None:
             rounds.append((ours_fp32, naive_rate,
                            run_naive(png, labels, args.naive_steps, warmup=20, in_memory=True),
                            naive_loader_rate(png, args.naive_steps // 4), first_layer_ms(),
-                           ours_bf16))
+                           ours_bf16, first_layer_ms(onednn=True) if onednn else None))
     ours = {key: statistics.median(r[0][key] for r in rounds) for key in rounds[0][0]}
     naive, naive_compute, naive_input, floor = (statistics.median(r[i] for r in rounds)
                                                 for i in (1, 2, 3, 4))
+    floor_onednn = statistics.median(r[6] for r in rounds) if onednn else None
     mixed = ({key: statistics.median(r[5][key] for r in rounds) for key in rounds[0][5]}
              if bf16 else None)
     result = {"dfa_fast_images_per_s": ours["images_per_s"], "naive_images_per_s": naive,
@@ -309,10 +321,12 @@ def main() -> None:
               "naive_step_ms": 256_000 / naive,
               "naive_compute_images_per_s": naive_compute,
               "naive_loader_images_per_s": naive_input,
-              "first_layer_ms": floor, "step_ms_needed_for_5x": 256_000 / naive / 5,
+              "first_layer_ms": floor, "first_layer_onednn_ms": floor_onednn,
+              "step_ms_needed_for_5x": 256_000 / naive / 5,
               "rounds": [{"dfa_fast_images_per_s": r[0]["images_per_s"],
                           "naive_images_per_s": r[1], "naive_compute_images_per_s": r[2],
                           "naive_loader_images_per_s": r[3], "first_layer_ms": r[4],
+                          "first_layer_onednn_ms": r[6],
                           "dfa_fast_bf16_mixed_images_per_s": r[5] and r[5]["images_per_s"],
                           "speedup": r[0]["images_per_s"] / r[1],
                           "speedup_bf16_mixed": r[5] and r[5]["images_per_s"] / r[1]}
@@ -345,7 +359,10 @@ def main() -> None:
              f"| naive loop's input alone (PNG DataLoader, 1 worker) | {naive_input:.0f} | "
              f"{256_000 / naive_input:.2f} |\n"
              f"| the step's first-layer products alone (2 x 256x2352x100, forward + weight "
-             f"gradient) | {256_000 / floor:.0f} | {floor:.2f} |\n\n"
+             f"gradient), PyTorch's fp32 products (MKL) | {256_000 / floor:.0f} | {floor:.2f} |\n"
+             + (f"| the same products through oneDNN (dfa-fast's fp32 MLP) | "
+                f"{256_000 / floor_onednn:.0f} | {floor_onednn:.2f} |\n" if onednn else "")
+             + "\n"
              f"Speed-up {result['speedup']:.1f}x (fp32)"
              + (f", {result['speedup_bf16_mixed']:.1f}x (bf16_mixed)" if mixed else
                 " (bf16_mixed not timed: no native bf16 on this CPU)")
