@@ -111,10 +111,11 @@ def first_layer_ms(repeats: int = 20, onednn: bool = False) -> float:
     encoders' 256 x 2352 x 100 forward products and their weight gradients (the median of
     ``repeats``) in float32, through PyTorch's own products (MKL's sgemm) or, with ``onednn``,
     through oneDNN as the trainer's fp32 MLP runs them (`kernels.onednn_linear`)."""
-    from dfa_fast.kernels import onednn_linear
     x, grad = torch.rand(256, 2352), torch.rand(256, 100)
     weight, bias = torch.rand(100, 2352), torch.rand(100)
     if onednn:
+        from dfa_fast.kernels import onednn_linear
+
         def products():
             onednn_linear.product(x, weight, bias)
             onednn_linear.product(grad.t(), x.t())

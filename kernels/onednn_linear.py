@@ -13,14 +13,15 @@ from MKL's, as between any two BLAS libraries.
 
 `usable` says when it applies: float32 CPU tensors outside autocast (bfloat16 autocast already runs
 its products through oneDNN), PyTorch built with oneDNN and its ``_linear_pointwise`` operator
-present, and ``DFA_KERNELS`` not forcing the PyTorch reference (``torch``).
+present, and `dfa_fast.ops.backend` (the one switch of the implementations) not choosing the
+PyTorch reference (``DFA_KERNELS=torch``).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.autograd.function import once_differentiable
+
+from dfa_fast import ops
 
 
 def _operator():
@@ -45,8 +46,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Return whether `linear_relu` computes ``relu(linear(x, weight, bias))`` for these tensors."""
     return (_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.dim() == 2
-            and not torch.is_autocast_enabled("cpu")
-            and os.environ.get("DFA_KERNELS", "") != "torch")
+            and not torch.is_autocast_enabled("cpu") and ops.backend(x) != "torch")
 
 
 def product(a: torch.Tensor, b: torch.Tensor, bias=None, relu: bool = False) -> torch.Tensor:
