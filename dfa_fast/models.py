@@ -39,8 +39,9 @@ class MLPEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the (B, 16) features of a (B, 3, 28, 28) batch."""
         x = x.permute(0, 2, 3, 1).flatten(1)
-        if onednn_linear.usable(x, self.layers[0].weight):
-            for linear in self.layers[::2]:
+        first, _, second, _, third, _ = self.layers  # iterating: no new Sequential per call
+        if onednn_linear.usable(x, first.weight):
+            for linear in (first, second, third):
                 x = onednn_linear.linear_relu(x, linear.weight, linear.bias)
             return x
         return self.layers(x)
