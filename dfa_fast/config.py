@@ -40,6 +40,7 @@ class DataConfig:
     batch_size: int = 256         # images per optimizer step, all ranks together
     eval_batch_size: int = 1024   # images per evaluation batch and rank
     num_workers: int = 1          # FFCV decoding threads (clamped to the usable cores)
+    loader_process: bool = True   # CPU runs: the train loader in a child process (no GIL contention)
     order: str = "random"         # random | quasi_random (single process only)
     crop_padding: int = 0         # random crop with this zero padding (0 = no crop)
     flip: bool = False            # random horizontal flip

@@ -260,7 +260,8 @@ class Trainer:
         self.train_loader = make_train_loader(folder / "train.beton", micro, seed=t.seed,
                                               device=self.device, order=cfg.data.order,
                                               distributed=self.world > 1, transform=transform,
-                                              num_workers=cfg.data.num_workers)
+                                              num_workers=cfg.data.num_workers,
+                                              process=cfg.data.loader_process)
         self.eval_loaders = {
             name: make_eval_loader(folder / f"{split}.beton", cfg.data.eval_batch_size,
                                    device=self.device, distributed=self.world > 1,
@@ -401,6 +402,7 @@ class Trainer:
                     self._check_finite(first_bad)
                     self._save("latest", done, wall_start)
         finally:
+            self.train_loader.close()
             bar.close()
             if writer:
                 writer.close()

@@ -11,7 +11,9 @@ On the CPU the device is the host, so the uint8 -> float conversion and scaling 
 most expensive part there) run in FFCV's loader thread instead, ahead of the training step
 (`ScaleToFloat`; straight to bf16 under the bf16 precisions when nothing but crop and flip
 follows, so the training thread reads half the bytes); the rest of the transform (crop, flip,
-normalisation) still runs per batch.
+normalisation) still runs per batch. For CPU training `make_train_loader(process=True)` runs the
+whole loader in a child process instead (`process_loader.ProcessLoader`): its Python then never
+takes the GIL from the training thread.
 """
 from __future__ import annotations
 
@@ -81,32 +83,44 @@ class DeviceLoader:
         # FFCV reuses its output buffers a few batches later: everything kept must be a copy.
         ints = [t.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
                 for t in (label, bias, index)]
+        return Batch(self._image(image, ints[2]), *ints)
+
+    def _image(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Return the batch's image, transformed (``index``: the samples, for augmentation keys);
+        never FFCV's buffer itself."""
         image = image.to(self.device, non_blocking=True)
         if self.transform is None:
-            image = image.clone()
-        else:
-            keys = None
-            if self.train and self.transform.augments:
-                keys = sample_keys(self.seed, self.epoch, ints[2])
-            image = self.transform(image, self.train, keys)
-        return Batch(image, *ints)
+            return image.clone()
+        keys = None
+        if self.train and self.transform.augments:
+            keys = sample_keys(self.seed, self.epoch, index)
+        return self.transform(image, self.train, keys)
 
-    def __iter__(self) -> Iterator[Batch]:
-        """Yield the batches of one epoch (the next one, or the rest of a resumed one)."""
+    def raw_epoch(self) -> Iterator[tuple]:
+        """Yield FFCV's outputs (image, label, bias, index) for the rest of the current epoch,
+        keeping ``epoch`` and ``position`` up to date; the tensors are FFCV's reused buffers."""
         self.loader.next_epoch = self.epoch
         skip = self.position
-        for i, (image, label, bias, index) in enumerate(self.loader):
+        for i, raw in enumerate(self.loader):
             if i < skip:
                 continue
             self.position = i + 1
-            yield self._batch(image, label, bias, index)
+            yield raw
         self.epoch += 1
         self.position = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        """Yield the batches of one epoch (the next one, or the rest of a resumed one)."""
+        for raw in self.raw_epoch():
+            yield self._batch(*raw)
 
     def stream(self) -> Iterator[Batch]:
         """Yield batches forever, epoch after epoch, from the current place."""
         while True:
             yield from self
+
+    def close(self) -> None:
+        """Nothing to stop: FFCV's thread ends with its epoch (see `ProcessLoader.close`)."""
 
     def state_dict(self) -> dict:
         """Return the loader's place in the run (epoch and batches taken)."""
@@ -173,8 +187,10 @@ def _workers(num_workers: Optional[int]) -> int:
 def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
                       device: torch.device | str = "cpu", order: str = "random",
                       distributed: bool = False, transform: Optional[ImageTransform] = None,
-                      num_workers: Optional[int] = None, os_cache: bool = True) -> DeviceLoader:
-    """Return the training loader of a split: shuffled every epoch from ``seed``, drop_last."""
+                      num_workers: Optional[int] = None, os_cache: bool = True,
+                      process: bool = False):
+    """Return the training loader of a split: shuffled every epoch from ``seed``, drop_last; with
+    ``process`` (CPU only) a `ProcessLoader` that loads in a child process."""
     from ffcv.loader import Loader, OrderOption
     from ffcv.loader.loader import ORDER_MAP
 
@@ -194,7 +210,11 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
                     order="global_shuffle" if order == "random" else OrderOption.QUASI_RANDOM,
                     distributed=distributed, seed=int(seed), drop_last=True, os_cache=os_cache,
                     pipelines=_pipelines(device, transform))
-    return DeviceLoader(loader, meta, device, transform, train=True, seed=int(seed))
+    train = DeviceLoader(loader, meta, device, transform, train=True, seed=int(seed))
+    if process and device.type == "cpu":
+        from dfa_fast.data.process_loader import ProcessLoader
+        return ProcessLoader(train)
+    return train
 
 
 def make_eval_loader(path: Path | str, batch_size: int, *, device: torch.device | str = "cpu",
