@@ -160,3 +160,35 @@ def test_the_child_ends_with_its_parent(path, tmp_path):
         time.sleep(0.1)
     os.kill(child, signal.SIGKILL)
     raise AssertionError(f"loader process {child} outlived its killed parent")
+
+
+def test_child_of_a_multithreaded_parent_does_not_hang(path, tmp_path):
+    """The parent's thread ran an OpenMP team (two threads) before the fork; the child's copies
+    into the slots must not wait on that team, which does not exist in the child."""
+    script = tmp_path / "omp.py"
+    script.write_text(
+        "import torch\n"
+        "torch.set_num_threads(2); torch.ones(2 ** 24).mul_(2)  # an OpenMP team in this thread\n"
+        "from dfa_fast.data.augment import ImageTransform\n"
+        "from dfa_fast.data.loaders import make_train_loader\n"
+        f"loader = make_train_loader({str(path)!r}, 300, seed=0, num_workers=2, process=True,\n"
+        "                           transform=ImageTransform(scale=1 / 255))\n"
+        "stream = loader.stream()\n"
+        "for _ in range(6): next(stream)\n"
+        "print('ok', torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=60, cwd=Path(__file__).resolve().parents[1])  # hung: timeout
+    assert out.returncode == 0 and out.stdout.split() == ["ok", "2"], out.stderr[-2000:]
+
+
+def test_ffcv_leaves_the_callers_thread_count(path):
+    """FFCV's Loader sets PyTorch's thread count to its workers when made and at every epoch;
+    the loaders keep the caller's (the trainer's train.threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        loader = make_train_loader(path, 50, seed=0, num_workers=2)
+        assert torch.get_num_threads() == 1
+        assert len(list(loader)) == N // 50 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -49,6 +49,24 @@ def test_disent_with_the_published_preset_learns_the_digits(cmnist_full, tmp_pat
     assert valid["unbiased"] > 25 and valid["conflicting"] > 20, valid
 
 
+def test_the_step_runs_with_train_threads(cmnist_full, tmp_path, monkeypatch):
+    """FFCV sets PyTorch's thread count when first imported, when a loader is made and at every
+    epoch (evaluation included); the training step must keep train.threads all the same."""
+    before = torch.get_num_threads()
+    try:
+        cfg = run_config(cmnist_full / "1pct", train={"steps": 30, "eval_every": 20,
+                                                      "log_every": 10, "ckpt_every": 30,
+                                                      "threads": 2}, data={"num_workers": 1})
+        trainer = Trainer(cfg, tmp_path / "run")
+        seen, step = [], trainer.method.step
+        monkeypatch.setattr(trainer.method, "step", lambda batch, i: (
+            seen.append(torch.get_num_threads()), step(batch, i))[1])
+        trainer.run()
+        assert len(seen) == 30 and set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 def disent_cfg(data_dir, steps):
     # Swap from step 10 and the first LR decay at step 30, so a resume crosses both.
     return run_config(data_dir, train={"steps": steps, "eval_every": 20, "log_every": 10,

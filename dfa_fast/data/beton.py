@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -63,6 +64,32 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def own_threads():
+    """Keep the calling thread's PyTorch and numba thread counts across a call into FFCV: its
+    compiler sets both to 1 when FFCV is first imported, and its `Loader` to the worker count when
+    made and at every epoch, in the calling thread; a CPU training step would then run with
+    ``data.num_workers`` threads instead of ``train.threads``."""
+    import numba
+    import torch
+
+    threads, numba_threads = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if numba.get_num_threads() != numba_threads:
+            numba.set_num_threads(numba_threads)
+
+
+def import_ffcv() -> None:
+    """Import FFCV (seconds, so only when needed) without changing the caller's thread counts."""
+    if "ffcv.loader" not in sys.modules:
+        with own_threads():
+            import ffcv.loader  # noqa: F401
+
+
 def write_split(folder: Path, split: str, images: Sequence[np.ndarray], labels: np.ndarray,
                 biases: np.ndarray, *, num_classes: int, num_biases: int, encoding: str = "raw",
                 jpeg_quality: int = 90, info: dict | None = None,
@@ -72,7 +99,8 @@ def write_split(folder: Path, split: str, images: Sequence[np.ndarray], labels: 
     ``images`` is any indexable of (H, W, 3) uint8 arrays of one shape (decoded lazily if it likes).
     One writer process keeps the file byte-identical for the same input (several race for pages).
     """
-    from ffcv.fields import IntField, RGBImageField  # FFCV costs seconds to import
+    import_ffcv()
+    from ffcv.fields import IntField, RGBImageField
     import ffcv.writer
     from tqdm import tqdm
 
@@ -165,6 +193,7 @@ def load_sidecar(beton: Path | str, verify: bool = False) -> dict:
 
 def read_int_field(beton: Path | str, field: str) -> np.ndarray:
     """Return every value of an integer field (label, bias or index) of a `.beton`, in file order."""
+    import_ffcv()
     from ffcv.reader import Reader
     reader = Reader(str(beton))
     names = list(reader.handlers)

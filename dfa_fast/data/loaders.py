@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from dfa_fast.data.augment import ImageTransform, sample_keys
-from dfa_fast.data.beton import load_sidecar
+from dfa_fast.data.beton import import_ffcv, load_sidecar, own_threads
 from dfa_fast.errors import DfaError
 
 ORDERS = ("random", "quasi_random", "sequential")
@@ -101,7 +101,9 @@ class DeviceLoader:
         keeping ``epoch`` and ``position`` up to date; the tensors are FFCV's reused buffers."""
         self.loader.next_epoch = self.epoch
         skip = self.position
-        for i, raw in enumerate(self.loader):
+        with own_threads():
+            batches = iter(self.loader)
+        for i, raw in enumerate(batches):
             if i < skip:
                 continue
             self.position = i + 1
@@ -191,6 +193,7 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
                       process: bool = False):
     """Return the training loader of a split: shuffled every epoch from ``seed``, drop_last; with
     ``process`` (CPU only) a `ProcessLoader` that loads in a child process."""
+    import_ffcv()
     from ffcv.loader import Loader, OrderOption
     from ffcv.loader.loader import ORDER_MAP
 
@@ -206,10 +209,11 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
                        f"{meta['num_samples']} samples of {path}")
     device = torch.device(device)
     ORDER_MAP.setdefault("global_shuffle", _global_shuffle_order())
-    loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
-                    order="global_shuffle" if order == "random" else OrderOption.QUASI_RANDOM,
-                    distributed=distributed, seed=int(seed), drop_last=True, os_cache=os_cache,
-                    pipelines=_pipelines(device, transform))
+    with own_threads():
+        loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
+                        order="global_shuffle" if order == "random" else OrderOption.QUASI_RANDOM,
+                        distributed=distributed, seed=int(seed), drop_last=True,
+                        os_cache=os_cache, pipelines=_pipelines(device, transform))
     train = DeviceLoader(loader, meta, device, transform, train=True, seed=int(seed))
     if process and device.type == "cpu":
         from dfa_fast.data.process_loader import ProcessLoader
@@ -221,13 +225,15 @@ def make_eval_loader(path: Path | str, batch_size: int, *, device: torch.device 
                      distributed: bool = False, transform: Optional[ImageTransform] = None,
                      num_workers: Optional[int] = None, os_cache: bool = True) -> DeviceLoader:
     """Return the evaluation loader of a split: sequential, every sample once (this rank's shard)."""
+    import_ffcv()
     from ffcv.loader import Loader, OrderOption
 
     meta = load_sidecar(path)
     rank, world = _world() if distributed else (0, 1)
     shard = np.array_split(np.arange(meta["num_samples"], dtype=np.uint64), world)[rank]
     device = torch.device(device)
-    loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
-                    order=OrderOption.SEQUENTIAL, indices=shard, drop_last=False,
-                    os_cache=os_cache, pipelines=_pipelines(device, transform))
+    with own_threads():
+        loader = Loader(str(path), batch_size=batch_size, num_workers=_workers(num_workers),
+                        order=OrderOption.SEQUENTIAL, indices=shard, drop_last=False,
+                        os_cache=os_cache, pipelines=_pipelines(device, transform))
     return DeviceLoader(loader, meta, device, transform, train=False, sharded=world > 1)

@@ -113,6 +113,9 @@ def _child(inner: DeviceLoader, slots: _Slots, ready, free, parent: int) -> None
         _die_with_parent()
         if os.getppid() != parent:
             os._exit(0)
+        # One thread here: an OpenMP team the parent's thread made does not exist after the fork,
+        # and a parallel region of this thread (a large copy) would wait for it forever.
+        torch.set_num_threads(1)
         n = 0
         while True:
             for image, label, bias, index in inner.raw_epoch():
