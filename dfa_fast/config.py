@@ -171,8 +171,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-# Fields that may differ when a run is resumed: how long it runs and how it is displayed.
-RESUMABLE_CHANGES = {("train", "steps"), ("train", "progress"), ("train", "tensorboard")}
+# Fields that may differ when a run is resumed: how long it runs, how it is displayed, and
+# whether the CPU loader runs in a child process.
+RESUMABLE_CHANGES = {("train", "steps"), ("train", "progress"), ("train", "tensorboard"),
+                     ("data", "loader_process")}  # the same batches either way
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:

@@ -92,6 +92,52 @@ def test_process_loader_resumes_from_a_saved_place(path):
     resumed.close(), two.close()
 
 
+@pytest.fixture
+def watchdog():
+    """Fail a test that stalls (parent and child each waiting on the other) within 60 s."""
+    def fire(*_):
+        raise TimeoutError("the process loader stalled")
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("slots", [KEEP + 1, KEEP + 2])
+def test_few_slots_still_yield_every_batch(path, slots, watchdog):
+    """The child fills every slot but the KEEP handed out last; with one or two to spare it must
+    neither stall nor overwrite a batch still handed out."""
+    transform = TRANSFORMS["scale"]
+    one = make_train_loader(path, 50, seed=4, num_workers=1, transform=transform)
+    two = ProcessLoader(make_train_loader(path, 50, seed=4, num_workers=1, transform=transform),
+                        slots=slots)
+    a, b = one.stream(), two.stream()
+    previous = None
+    for i in range(30):
+        x, y = next(a), next(b)
+        assert same(x, y), i
+        if previous is not None:
+            assert same(*previous), i - 1
+        previous = (x, y)
+    two.close()
+
+
+def test_a_new_stream_refuses_while_an_old_batch_is_held_and_a_dropped_one_stops_its_child(path):
+    _, two = pair(path, TRANSFORMS["scale"])
+    stream = two.stream()
+    held = next(stream)
+    with pytest.raises(DfaError, match="earlier stream .* still referenced"):
+        next(two.stream())
+    del held
+    stream = two.stream()
+    next(stream)
+    child = two.process
+    assert child.is_alive()
+    del stream  # the generator is collected: its child stops
+    assert two.process is None and not child.is_alive()
+
+
 def test_a_batch_kept_past_its_slot_is_refused(path):
     _, two = pair(path, TRANSFORMS["scale"])
     stream = two.stream()
