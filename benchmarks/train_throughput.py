@@ -376,7 +376,8 @@ def main() -> None:
              f"Medians of {args.rounds} alternating rounds (dfa-fast "
              f"{args.steps} steps with the feature swap on, naive {args.naive_steps} steps, run "
              "between the fp32 and the bf16_mixed measurement); one "
-             "torch thread per process (`torch.set_num_threads(1)`); each loader has one worker"
+             "torch thread per process (`torch.set_num_threads(1)`); each loader has one worker "
+             "(dfa-fast's in a child process on the CPU, `data.loader_process`)"
              + ("; both loops with glibc malloc keeping freed memory (the trainer's CPU setting, "
                 "process-wide)." if kept else "."))
     payload = {"cmnist_disent": result, "threads": 1}
