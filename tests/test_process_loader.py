@@ -183,6 +183,19 @@ def test_process_loader_refuses_gpu_loaders_and_too_few_slots(path):
         ProcessLoader(one)
 
 
+def test_without_semaphores_the_loader_stays_a_thread_with_a_warning(path, monkeypatch):
+    """Containers without a writable /dev/shm cannot make POSIX semaphores: training goes on
+    with FFCV's thread, and says so."""
+    import multiprocessing
+
+    def no_semaphore(self, value=1):
+        raise OSError(38, "Function not implemented")
+    monkeypatch.setattr(type(multiprocessing.get_context("fork")), "Semaphore", no_semaphore)
+    with pytest.warns(UserWarning, match="cannot make a semaphore.*loading in FFCV's thread"):
+        loader = make_train_loader(path, 50, seed=0, num_workers=1, process=True)
+    assert isinstance(loader, DeviceLoader) and len(list(loader)) == N // 50
+
+
 def test_the_child_ends_with_its_parent(path, tmp_path):
     """A parent killed outright (no clean-up) must not leave its loader process behind."""
     script = tmp_path / "parent.py"

@@ -18,6 +18,7 @@ takes the GIL from the training thread.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -217,7 +218,10 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
     train = DeviceLoader(loader, meta, device, transform, train=True, seed=int(seed))
     if process and device.type == "cpu":
         from dfa_fast.data.process_loader import ProcessLoader
-        return ProcessLoader(train)
+        try:
+            return ProcessLoader(train)
+        except DfaError as error:  # no fork or no semaphores here: FFCV's thread still works
+            warnings.warn(f"{error}; loading in FFCV's thread instead")
     return train
 
 

@@ -166,6 +166,11 @@ class ProcessLoader:
         if "fork" not in multiprocessing.get_all_start_methods():
             raise DfaError("ProcessLoader needs the fork start method (Linux); set "
                            "data.loader_process=false on this system")
+        try:  # POSIX semaphores need a writable /dev/shm, which some containers lack
+            multiprocessing.get_context("fork").Semaphore(0)
+        except OSError as error:
+            raise DfaError(f"ProcessLoader cannot make a semaphore ({error}); set "
+                           "data.loader_process=false on this system") from error
         self.inner = inner
         transform = inner.transform
         dtype = transform.loader_dtype if transform is not None else torch.uint8
