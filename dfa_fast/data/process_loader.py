@@ -13,11 +13,11 @@ processes, 800 fp32 steps each) the step fell from 5.97 to 5.26 ms (medians; the
 0.54 ms median, 0.44 ms mean, seven pairs of eight faster); with the child one batch ahead instead
 of three, 0.26 ms.
 
-`ProcessLoader` wraps a `DeviceLoader`. At the first batch of a `stream` it forks a child that runs the wrapped loader's
-`raw_epoch` from the current place (epoch, position) and copies each batch of FFCV outputs into the
-next of ``slots`` shared-memory slots (an anonymous shared mapping made before the fork; only
-the two semaphores live in /dev/shm). The parent copies the small integer fields and hands out the image where it
-lies, through the wrapped loader's own transform: the same order, values and transform as in one
+`ProcessLoader` wraps a `DeviceLoader`. At the first batch of a `stream` it forks a child that
+runs the wrapped loader's `raw_epoch` from the current place (epoch, position) and copies each batch
+of FFCV outputs into the next of ``slots`` shared-memory slots (an anonymous shared mapping made
+before the fork; only the two semaphores live in /dev/shm). The parent copies the small integer
+fields and hands out the image where it lies, through the wrapped loader's own transform: the same order, values and transform as in one
 process, and the same checkpointed place (each slot carries the epoch and position after its batch).
 A batch's image lives in its slot until `KEEP` more batches are taken; the slot then goes back to
 the child, and if anything still holds that image (a caller that keeps batches) `next` raises
@@ -98,6 +98,12 @@ class _Slots:
     def read_message(self) -> str:
         data = bytes(self.message.tolist())
         return data[: data.index(0) if 0 in data else len(data)].decode("utf-8", "replace")
+
+
+def _still_held(what: str, reuser: str, then: str) -> DfaError:
+    """The error for a caller that still holds an image whose slot is about to be reused."""
+    return DfaError(f"{what} is still referenced; {reuser} reuses its memory: copy what you keep "
+                    f"(batch.image.clone()) {then}")
 
 
 def _die_with_parent() -> None:
@@ -200,9 +206,8 @@ class ProcessLoader:
 
     def _start(self) -> None:
         if any(self.slots.in_use(k) for k in range(self.slots.count)):
-            raise DfaError("a batch of an earlier stream of this loader is still referenced; a "
-                           "new stream reuses its memory: copy what you keep "
-                           "(batch.image.clone()) before calling stream() again")
+            raise _still_held("a batch of an earlier stream of this loader", "a new stream",
+                              "before calling stream() again")
         ctx = multiprocessing.get_context("fork")
         # The child may fill every slot but the KEEP that the batches handed out last occupy:
         # the slot of batch n comes back when batch n + KEEP is taken.
@@ -231,9 +236,8 @@ class ProcessLoader:
             old = (self.taken - KEEP) % slots.count
             if slots.in_use(old):
                 self.close()
-                raise DfaError(f"a batch taken {KEEP} batches ago is still referenced; the "
-                               "process loader reuses its memory: copy what you keep "
-                               "(batch.image.clone()) or set data.loader_process=false")
+                raise _still_held(f"a batch taken {KEEP} batches ago", "the process loader",
+                                  "or set data.loader_process=false")
             self.free.release()
         ints = slots.ints[k].clone()
         if length != ints.shape[1]:
