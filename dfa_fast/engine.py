@@ -20,6 +20,7 @@ import torch
 
 from dfa_fast.config import RunConfig
 from dfa_fast.errors import DfaError
+from dfa_fast.optim import Adam
 
 
 def free_port() -> int:
@@ -156,9 +157,9 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
     if not torch.distributed.is_initialized():
         # A bounded timeout: if a rank dies, the others' collectives fail instead of waiting.
         deepspeed.init_distributed(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
-    # fused: one pass over each parameter for the whole update (CPU and CUDA kernels).
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr,
-                                 weight_decay=cfg.optim.weight_decay, fused=True)
+    # torch.optim.Adam's fused kernel (one pass over each parameter for the whole update, CPU
+    # and CUDA) with a short step (`dfa_fast.optim`).
+    optimizer = Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.optim.lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=schedule, config=ds_config)

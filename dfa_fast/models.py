@@ -41,9 +41,7 @@ class MLPEncoder(nn.Module):
         x = x.permute(0, 2, 3, 1).flatten(1)
         first, _, second, _, third, _ = self.layers  # iterating: no new Sequential per call
         if onednn_linear.usable(x, first.weight):
-            for linear in (first, second, third):
-                x = onednn_linear.linear_relu(x, linear.weight, linear.bias)
-            return x
+            return onednn_linear.linear_relu_chain(x, (first, second, third))
         return self.layers(x)
 
 

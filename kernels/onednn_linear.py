@@ -74,6 +74,60 @@ class LinearReLUFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class LinearReLUChainFunction(torch.autograd.Function):
+    """relu(... relu(relu(x W1^T + b1) W2^T + b2) ...) as one autograd node: the products and
+    their order are `LinearReLUFunction`'s layer after layer, with one Python call forward and one
+    backward for the whole chain instead of one per layer."""
+
+    @staticmethod
+    def forward(ctx, x, *params):  # params: weight, bias of each layer in turn
+        outs = []
+        h = x
+        for weight, bias in zip(params[::2], params[1::2]):
+            h = product(h, weight, bias, relu=True)
+            outs.append(h)
+        ctx.save_for_backward(x, *params, *outs)
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        layers = (len(saved) - 1) // 3
+        x, params, outs = saved[0], saved[1:1 + 2 * layers], saved[1 + 2 * layers:]
+        needs = ctx.needs_input_grad
+        grads = [None] * (1 + 2 * layers)
+        grad = grad_out
+        for layer in reversed(range(layers)):
+            weight, out = params[2 * layer], outs[layer]
+            inp = outs[layer - 1] if layer else x
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
+            grad_in = product(grad, weight.t()) if layer or needs[0] else None
+            if needs[1 + 2 * layer]:
+                grads[1 + 2 * layer] = product(grad.t(), inp.t())
+            if needs[2 + 2 * layer]:
+                grads[2 + 2 * layer] = grad.sum(0)
+            grad = grad_in
+        grads[0] = grad
+        return tuple(grads)
+
+
+def linear_relu_chain(x: torch.Tensor, layers) -> torch.Tensor:
+    """Return the output of ``layers`` (`nn.Linear` modules, each followed by a ReLU) on ``x``
+    (B, in) through oneDNN, as one autograd node; see `usable`."""
+    params = []
+    width = x.shape[1]
+    for linear in layers:
+        weight, bias = linear.weight, linear.bias
+        if weight.shape[1] != width or bias is None or bias.shape != (weight.shape[0],):
+            raise ValueError(f"linear_relu_chain: input width {width}, weight "
+                             f"{tuple(weight.shape)} and bias do not match; expected (N, "
+                             f"{width}) and (N,)")
+        params += [weight, bias]
+        width = weight.shape[0]
+    return LinearReLUChainFunction.apply(x, *params)
+
+
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Return ``relu(x @ weight.T + bias)`` (B, out) through oneDNN; see `usable`."""
     if x.shape[1] != weight.shape[1] or bias.shape != (weight.shape[0],):

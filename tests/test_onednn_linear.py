@@ -78,16 +78,53 @@ def _encoder_pair():
     return fast, plain
 
 
+def _chain_inputs(seed, input_grad, frozen=()):
+    gen = torch.Generator().manual_seed(seed)
+    layers = [torch.nn.Linear(k, n) for k, n in ((57, 33), (33, 20), (20, 9))]
+    for i, layer in enumerate(layers):
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen) / 5)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=gen))
+        layer.requires_grad_(i not in frozen)
+    x = torch.randn(31, 57, generator=gen).requires_grad_(input_grad)
+    return x, layers
+
+
+@pytest.mark.parametrize("input_grad,frozen", [(False, ()), (True, ()), (False, (1,)),
+                                               (True, (0, 2))])
+def test_a_chain_is_its_layers_one_after_another_bit_for_bit(input_grad, frozen):
+    x, layers = _chain_inputs(5, input_grad, frozen)
+    chained = onednn_linear.linear_relu_chain(x, layers)
+    y = x
+    for layer in layers:
+        y = onednn_linear.linear_relu(y, layer.weight, layer.bias)
+    assert torch.equal(chained, y) and (y == 0).any() and (y > 0).any()
+    grad = torch.randn_like(y)
+    leaves = [x] + [p for layer in layers for p in layer.parameters()]
+    got = torch.autograd.grad(chained, [t for t in leaves if t.requires_grad], grad)
+    want = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], grad)
+    assert len(got) == len(want) == sum(t.requires_grad for t in leaves)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_a_chain_with_mismatched_layers_is_an_error():
+    x, layers = _chain_inputs(6, False)
+    with pytest.raises(ValueError, match="do not match"):
+        onednn_linear.linear_relu_chain(x, layers[1:])
+
+
 def test_the_mlp_encoder_runs_through_onednn_and_matches_the_plain_layers(monkeypatch):
     calls = []
-    real = onednn_linear.linear_relu
-    monkeypatch.setattr(onednn_linear, "linear_relu",
-                        lambda *args: calls.append(args[1].shape) or real(*args))
+    real = onednn_linear.linear_relu_chain
+    monkeypatch.setattr(onednn_linear, "linear_relu_chain",
+                        lambda x, layers: calls.append([l.weight.shape for l in layers])
+                        or real(x, layers))
     fast, plain = _encoder_pair()
     x = torch.rand(64, 3, 28, 28).to(memory_format=torch.channels_last)
     x[x < 0.8] = 0  # sparse like Colored MNIST
     z_fast = fast(x)
-    assert calls == [(100, 2352), (100, 100), (16, 100)]
+    assert calls == [[(100, 2352), (100, 100), (16, 100)]]
     z_plain = plain.layers(x.permute(0, 2, 3, 1).flatten(1))
     torch.testing.assert_close(z_fast, z_plain, rtol=1e-5, atol=1e-5)
     grad = torch.randn_like(z_fast)
@@ -99,7 +136,7 @@ def test_the_mlp_encoder_runs_through_onednn_and_matches_the_plain_layers(monkey
 
 def test_the_mlp_encoder_keeps_the_plain_layers_under_autocast_and_when_forced(monkeypatch):
     calls = []
-    monkeypatch.setattr(onednn_linear, "linear_relu", lambda *args: calls.append(1))
+    monkeypatch.setattr(onednn_linear, "linear_relu_chain", lambda *args: calls.append(1))
     fast, plain = _encoder_pair()
     x = torch.rand(8, 3, 28, 28)
     with torch.autocast("cpu", dtype=torch.bfloat16):
