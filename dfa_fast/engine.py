@@ -166,6 +166,15 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
     if engine.dp_world_size == 1 and cfg.train.zero_stage == 0:
         # Nothing to average over one rank: skip the flatten/all-reduce/unflatten of every step.
         engine.enable_backward_allreduce = False
+    if type(engine).zero_grad is deepspeed.DeepSpeedEngine.zero_grad:
+        # DeepSpeedEngine.zero_grad sets every parameter's gradient to None by walking the
+        # module tree each step (60 us on the Colored MNIST MLP); the same over a kept list.
+        parameters = list(engine.module.parameters())
+
+        def zero_grad():
+            for parameter in parameters:
+                parameter.grad = None
+        engine.zero_grad = zero_grad
     return engine
 
 

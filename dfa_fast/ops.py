@@ -4,9 +4,10 @@ Three backends with the same functions and signatures (methods call these wrappe
 directly):
 
 * ``triton``: the fused Triton kernels (`dfa_fast.kernels.triton_ops`), the default for CUDA tensors;
-* ``fused``: the default everywhere else (CPUs): the DisEnt head as one autograd function of PyTorch
-  operations with closed-form gradients (`dfa_fast.kernels.fused_torch`), the EMA update and weights
-  as one numba pass (`dfa_fast.kernels.numba_weighting`), the other operations as in the reference;
+* ``fused``: the default everywhere else (CPUs): the DisEnt head as one autograd function with
+  closed-form gradients, two compiled numba calls for float32 (`dfa_fast.kernels.numba_head`) and
+  PyTorch operations otherwise (`dfa_fast.kernels.fused_torch`), the EMA update and weights as one
+  numba pass (`dfa_fast.kernels.numba_weighting`), the other operations as in the reference;
 * ``torch``: the PyTorch reference (`dfa_fast.kernels.reference`), which defines the semantics.
 
 ``DFA_KERNELS=triton|fused|torch`` forces one (``triton`` on a CPU tensor needs

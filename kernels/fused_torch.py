@@ -27,6 +27,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import reference as _reference
+from . import numba_head
+from .numba_head import NumbaHeadFunction
 from .numba_weighting import sample_weights
 from .reference import Gather, cross_entropy, gce, permute_concat, weighted_cross_entropy
 
@@ -124,8 +126,11 @@ def disent_head(*args, swap_source=None, **kwargs):
 def _fused_head(*tensors, lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
                 q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
                 gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    loss, acc = DisentHeadFunction.apply(*tensors, lambda_dis, lambda_swap_b, lambda_swap, q,
-                                         alpha, gce_form, gather)
+    # float32 CPU steps: the compiled head (`numba_head`); other dtypes and a gather: this one.
+    function = NumbaHeadFunction if numba_head.usable(*tensors[:6], *tensors[8:12], gather) \
+        else DisentHeadFunction
+    loss, acc = function.apply(*tensors, lambda_dis, lambda_swap_b, lambda_swap, q, alpha,
+                               gce_form, gather)
     return loss, dict(zip(STAT_NAMES, acc.unbind()))
 
 

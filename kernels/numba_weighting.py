@@ -118,47 +118,69 @@ def _update_and_weigh(ema_i, ema_b, seen, labels, num_classes, upd_index, upd_i,
 _slots: dict[int, np.ndarray] = {}
 
 
+def takes(ema_i, ema_b, seen, labels) -> bool:
+    """Whether the kernel works on these buffers: contiguous CPU float32 EMAs, bool flags, int64
+    labels, all of one length."""
+    return (ema_i.device.type == "cpu" and ema_i.dtype == torch.float32
+            and ema_b.dtype == torch.float32 and seen.dtype == torch.bool
+            and labels.dtype == torch.int64
+            and all(t.is_contiguous() for t in (ema_i, ema_b, seen, labels))
+            and len(ema_i) == len(ema_b) == len(seen) == len(labels))
+
+
 def sample_weights(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
                    labels: torch.Tensor, num_classes: int, index: torch.Tensor,
                    label: torch.Tensor, ce_i: torch.Tensor, ce_b: torch.Tensor, alpha: float,
                    gather: Gather = None) -> torch.Tensor:
     """`reference.sample_weights` (same arguments, values and in-place updates) in one call."""
-    buffers = (ema_i, ema_b, seen, labels)
-    if (ema_i.device.type != "cpu" or ema_i.dtype != torch.float32
-            or ema_b.dtype != torch.float32 or seen.dtype != torch.bool
-            or labels.dtype != torch.int64 or not all(t.is_contiguous() for t in buffers)
-            or not len(ema_i) == len(ema_b) == len(seen) == len(labels)):
+    if not takes(ema_i, ema_b, seen, labels):
         return _reference.sample_weights(ema_i, ema_b, seen, labels, num_classes, index, label,
                                          ce_i, ce_b, alpha, gather)
     upd_index, upd_i, upd_b = index, ce_i.detach(), ce_b.detach()
     if gather is not None:
         upd_index, upd_i, upd_b = gather(upd_index, upd_i, upd_b)
-    slot = _slots.get(len(ema_i))
-    if slot is None:  # uninitialised on purpose: the kernel validates every entry it reads
-        slot = _slots[len(ema_i)] = np.empty(len(ema_i), np.int64)
     out = torch.empty(len(index), dtype=torch.float32)
-    # The class maxima of the buffers after the last call, valid while no PyTorch operation has
-    # written the buffers since (a copy from a checkpoint, the reference's update): their version
-    # counters are those recorded then (this function's own writes go through NumPy views and
-    # leave the counters alone). Kept on the tensor object, so a new buffer starts without any.
-    partners = (ema_b, seen, labels)
-    versions = (num_classes, ema_i._version, ema_b._version, seen._version, labels._version)
-    known = getattr(ema_i, "_dfa_class_max", None)
-    valid = (known is not None and known.versions == versions
-             and all(a is b for a, b in zip(known.partners, partners)))
-    if not valid:
-        known = ClassMaxima(partners, versions, np.zeros(num_classes, np.float32),
-                            np.zeros(num_classes, np.float32))
+    known, valid = class_maxima(ema_i, ema_b, seen, labels, num_classes)
     ema_i._dfa_class_max = None  # until the call returns: an error may leave them half updated
     rescanned = _update_and_weigh(ema_i.numpy(), ema_b.numpy(), seen.numpy(), labels.numpy(),
                                   num_classes, _ints(upd_index), _floats(upd_i), _floats(upd_b),
                                   float(alpha), _ints(index), _ints(label), _reference.MAX_FLOOR,
-                                  _reference.WEIGHT_EPS, slot, out.numpy(), known.max_i,
-                                  known.max_b, valid)
+                                  _reference.WEIGHT_EPS, scratch(len(ema_i)), out.numpy(),
+                                  known.max_i, known.max_b, valid)
+    keep_class_maxima(ema_i, known, rescanned)
+    return out
+
+
+def scratch(size: int) -> np.ndarray:
+    """Return the kernel's scratch array for buffers of ``size`` samples (kept between calls)."""
+    slot = _slots.get(size)
+    if slot is None:  # uninitialised on purpose: the kernel validates every entry it reads
+        slot = _slots[size] = np.empty(size, np.int64)
+    return slot
+
+
+def class_maxima(ema_i, ema_b, seen, labels, num_classes) -> tuple["ClassMaxima", bool]:
+    """Return the class maxima kept for these buffers and whether they are valid.
+
+    They are the maxima after the last call, valid while no PyTorch operation has written the
+    buffers since (a copy from a checkpoint, the reference's update): their version counters are
+    those recorded then (the kernel's own writes go through NumPy views and leave the counters
+    alone). Kept on the tensor object, so a new buffer starts without any."""
+    partners = (ema_b, seen, labels)
+    versions = (num_classes, ema_i._version, ema_b._version, seen._version, labels._version)
+    known = getattr(ema_i, "_dfa_class_max", None)
+    if (known is not None and known.versions == versions
+            and all(a is b for a, b in zip(known.partners, partners))):
+        return known, True
+    return ClassMaxima(partners, versions, np.zeros(num_classes, np.float32),
+                       np.zeros(num_classes, np.float32)), False
+
+
+def keep_class_maxima(ema_i, known: "ClassMaxima", rescanned: bool) -> None:
+    """Keep the maxima a kernel call left in ``known`` for the next call; returns None."""
     known.calls += 1
     known.scans += bool(rescanned)
     ema_i._dfa_class_max = known
-    return out
 
 
 class ClassMaxima:

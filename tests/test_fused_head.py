@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dfa_fast import ops
+from dfa_fast.kernels import numba_head
 from kernel_oracle import clone_state, random_state
 from kernel_oracle import seed  # noqa: F401 (fixture)
 
@@ -36,8 +37,13 @@ def head(backend, monkeypatch, inputs, state, num_classes, perm, grad_scale=1.0,
                                                     (257, 100, 16), (256, 10, 16)])
 @pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("form", ["reference", "textbook"])
-def test_fused_head_matches_the_reference(batch, classes, features, swap, form, seed,
+@pytest.mark.parametrize("compiled", [True, False])
+def test_fused_head_matches_the_reference(batch, classes, features, swap, form, compiled, seed,
                                           monkeypatch):
+    # float32 CPU steps run the compiled head (numba_head); compiled=False runs the PyTorch one
+    # that takes the other dtypes and a gather.
+    if not compiled:
+        monkeypatch.setattr(numba_head, "usable", lambda *args: False)
     N = 600
     state = random_state(N, classes, "cpu")
     index = torch.randperm(N)[:batch]
@@ -130,7 +136,29 @@ def test_fused_head_is_the_cpu_default_and_one_autograd_node(monkeypatch):
     loss, _ = ops.disent_head(z_i, z_b, torch.randn(C, 2 * D), torch.randn(C),
                               torch.randn(C, 2 * D), torch.randn(C), state[3][index], index,
                               *state, C, torch.randperm(B), **LAMBDAS)
-    assert type(loss.grad_fn).__name__ == "DisentHeadFunctionBackward"
+    assert type(loss.grad_fn).__name__ == "NumbaHeadFunctionBackward"  # float32
     grad_i, = torch.autograd.grad(loss, z_i, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(grad_i.square().sum(), z_i)
+    half = [t.bfloat16() for t in (z_i, z_b, torch.randn(C, 2 * D), torch.randn(C),
+                                   torch.randn(C, 2 * D), torch.randn(C))]
+    loss, _ = ops.disent_head(*half, state[3][index], index, *state, C, torch.randperm(B),
+                              **LAMBDAS)
+    assert type(loss.grad_fn).__name__ == "DisentHeadFunctionBackward"
+
+
+@pytest.mark.parametrize("bad", ["label", "index", "perm"])
+def test_the_compiled_head_refuses_out_of_range_indices_and_forgets_its_class_maxima(bad):
+    B, C, D, N = 16, 4, 8, 50
+    state = random_state(N, C, "cpu")
+    index, perm = torch.randperm(N)[:B], torch.randperm(B)
+    label = state[3][index].clone()
+    args = [torch.randn(B, D), torch.randn(B, D), torch.randn(C, 2 * D), torch.randn(C),
+            torch.randn(C, 2 * D), torch.randn(C)]
+    ops.disent_head(*args, label, index, *state, C, perm, **LAMBDAS)  # a good step first
+    assert state[0]._dfa_class_max is not None
+    {"label": label, "index": index, "perm": perm}[bad][3] = {"label": C, "index": N,
+                                                             "perm": B}[bad]
+    with pytest.raises(IndexError):
+        ops.disent_head(*args, label, index, *state, C, perm, **LAMBDAS)
+    assert state[0]._dfa_class_max is None

@@ -110,7 +110,7 @@ def test_closure_hooks_and_the_profiler_still_work():
     assert any("Optimizer.step#" in event.name for event in prof.events())
 
 
-def test_the_engine_uses_it(tmp_path):
+def test_the_engine_uses_it_and_clears_the_gradients_after_a_step(tmp_path):
     from dfa_fast import config
     from dfa_fast.engine import initialize, prepare_environment
     from dfa_fast.models import DisEntModel
@@ -121,3 +121,11 @@ def test_the_engine_uses_it(tmp_path):
         "gradient_accumulation_steps": 1})
     assert isinstance(engine.optimizer, optim.Adam)
     assert engine.optimizer.param_groups[0]["weight_decay"] == cfg.optim.weight_decay
+    # A step updates every parameter and leaves no gradient behind (the engine's zero_grad).
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    z_i, z_b = engine.module.features(torch.rand(4, 3, 28, 28))
+    engine.backward(engine.module.fc_i(torch.cat([z_i, z_b], 1)).square().sum()
+                    + engine.module.fc_b(torch.cat([z_i, z_b], 1)).square().sum())
+    engine.step()
+    for old, p in zip(before, engine.module.parameters()):  # noqa
+        assert p.grad is None and not torch.equal(old, p)

@@ -1,0 +1,323 @@
+"""The DisEnt head of a float32 CPU step as two compiled calls (numba): one forward, one backward.
+
+`fused_torch.DisentHeadFunction` computes the head in closed form with about 30 PyTorch operations
+forward and 10 backward on tiny tensors (256 x 10 logits per block at Colored MNIST sizes), nearly
+all of their time dispatch. Here the same arithmetic runs in two compiled calls, with the batch as
+the vectorised dimension (the logits and their gradient are kept transposed, classes x rows);
+in the trainer that is 0.55 ms a step less (4,000 alternating steps, fp32):
+
+* forward: the four logit blocks (rows [z_i, z_b] and, with a swap, [z_i, z_b[pi]], through the
+  intrinsic and the bias classifier), their log-softmax, CE and GCE, the EMA update, class maxima
+  and weights W (`numba_weighting._update_and_weigh`, the same pass and bookkeeping as
+  `numba_weighting.sample_weights`), the loss and its statistics, and dL/dlogits =
+  coef * (softmax - onehot(target)) with the coefficients of `fused_torch`'s docstring;
+* backward: the classifier gradients from dL/dlogits and the rows, and the feature gradients
+  (dz_i from the intrinsic classifier's first half, dz_b from the bias classifier's second half,
+  the swapped rows' share sent back through pi).
+
+Float32 arithmetic throughout; the products' sums may be reordered (and vectorised) as any BLAS
+does, so values agree with the reference to float32 rounding (the tests compare them), not bit
+for bit. The EMA buffers,
+seen flags and W are `numba_weighting`'s, which are the reference's bit for bit given the same
+losses. `usable` says when it applies; the fused PyTorch head covers everything else (other dtypes,
+a data-parallel gather).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import numba_weighting
+from . import reference as _reference
+
+GCE_FORM_CODES = {"reference": 0, "textbook": 1}
+
+
+# Only the products may sum in any order (as any BLAS does); NaN and infinity keep their rules.
+_PRODUCTS = {"reassoc", "contract"}
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_PRODUCTS)
+def _rows_t(z_i, z_b, perm, swap):  # pragma: no cover (compiled)
+    """Return the classifier inputs transposed, (2D, R): columns [z_i[s], z_b[s]] for the samples
+    s and, with a swap, [z_i[s], z_b[perm[s]]] after them (R = B or 2B)."""
+    batch, dim = z_i.shape
+    rows = 2 * batch if swap else batch
+    out = np.empty((2 * dim, rows), np.float32)
+    # Row by row of the output: writing down its columns instead hits one cache set.
+    for d in range(dim):
+        for s in range(batch):
+            out[d, s] = z_i[s, d]
+        for s in range(batch):
+            out[dim + d, s] = z_b[s, d]
+        if swap:
+            for s in range(batch):
+                out[d, batch + s] = z_i[s, d]
+            for s in range(batch):
+                out[dim + d, batch + s] = z_b[perm[s], d]
+    return out
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_PRODUCTS)
+def _logits_t(weight, bias, rows_t, out, col0):  # pragma: no cover (compiled)
+    """out[:, col0:col0 + R] (C, R) = weight (C, 2D) @ rows_t (2D, R) + bias, vectorised over
+    the rows."""
+    classes, width = weight.shape
+    rows = rows_t.shape[1]
+    acc = np.empty(rows, np.float32)
+    for c in range(classes):
+        acc[:] = 0.0
+        for d in range(width):
+            w = weight[c, d]
+            for r in range(rows):
+                acc[r] += w * rows_t[d, r]
+        target = out[c, col0:col0 + rows]
+        for r in range(rows):
+            target[r] = acc[r] + bias[c]
+
+
+@numba.njit(nogil=True, cache=True)
+def _forward(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, perm, swap,
+             ema_i, ema_b, seen, labels, num_classes, lambda_dis, lambda_swap_b, lambda_swap,
+             q, alpha, form, floor, eps, slot, max_i, max_b, known,
+             grad_t, stats):  # pragma: no cover (compiled)
+    """Fill grad_t (C, 2R) with dL/dlogits (columns: the intrinsic classifier's R rows, then the
+    bias classifier's) and stats; update the EMAs; return (loss, whether the class maxima were
+    found by a full pass)."""
+    batch = z_i.shape[0]
+    if swap:
+        for s in range(batch):
+            if perm[s] < 0 or perm[s] >= batch:
+                raise IndexError("a swap permutation index is outside the batch")
+    for s in range(batch):
+        if label[s] < 0 or label[s] >= num_classes:
+            raise IndexError("a batch label is outside [0, num_classes)")
+    k = 2 if swap else 1
+    rows = k * batch
+    total = 2 * rows
+    rows_t = _rows_t(z_i, z_b, perm, swap)
+    _logits_t(weight_i, bias_i, rows_t, grad_t, 0)
+    _logits_t(weight_b, bias_b, rows_t, grad_t, rows)
+    classes = grad_t.shape[0]
+    # Targets: y for the intrinsic rows and the bias classifier's own rows, y[pi] for its swapped.
+    target = np.empty(total, np.int64)
+    for r in range(total):
+        s = r % batch
+        target[r] = label[perm[s]] if swap and r >= rows + batch else label[s]
+    # Log-softmax over the classes, vectorised over the rows; grad_t becomes the softmax.
+    m = grad_t[0].copy()
+    for c in range(1, classes):
+        for r in range(total):
+            v = grad_t[c, r]
+            if v > m[r] or v != v:
+                m[r] = v
+    log_p_y = np.empty(total, np.float32)
+    for r in range(total):
+        log_p_y[r] = grad_t[target[r], r] - m[r]
+    sums = np.zeros(total, np.float32)
+    for c in range(classes):
+        for r in range(total):
+            e = np.exp(grad_t[c, r] - m[r])
+            grad_t[c, r] = e
+            sums[r] += e
+    for r in range(total):
+        log_p_y[r] -= np.log(sums[r])
+        sums[r] = np.float32(1.0) / sums[r]
+    for c in range(classes):
+        for r in range(total):
+            grad_t[c, r] *= sums[r]
+    for r in range(total):
+        grad_t[target[r], r] -= np.float32(1.0)
+    # Per-sample losses of the original samples: CE of the intrinsic and of the bias classifier.
+    ce_i = np.empty(batch, np.float32)
+    ce_b = np.empty(batch, np.float32)
+    for s in range(batch):
+        ce_i[s] = -log_p_y[s]
+        ce_b[s] = -log_p_y[rows + s]
+    w = np.empty(batch, np.float32)
+    rescanned = numba_weighting._update_and_weigh(
+        ema_i, ema_b, seen, labels, num_classes, index, ce_i, ce_b, alpha, index, label, floor,
+        eps, slot, w, max_i, max_b, known)
+    # GCE over the bias classifier's rows (original and swapped) and its gradient factor.
+    qq = np.float32(q)
+    gce_value = np.empty(rows, np.float32)
+    gce_factor = np.empty(rows, np.float32)
+    for r in range(rows):
+        lp = log_p_y[rows + r]
+        p_q = np.exp(qq * lp)
+        if form == 0:
+            gce_factor[r] = qq * p_q
+            gce_value[r] = -lp * gce_factor[r]
+        else:
+            gce_factor[r] = p_q
+            gce_value[r] = (np.float32(1.0) - p_q) / qq
+    inv_b = np.float32(1.0) / np.float32(batch)
+    sum_wce = np.float32(0.0)
+    sum_ce = np.float32(0.0)
+    sum_w = np.float32(0.0)
+    sum_gce = np.float32(0.0)
+    for s in range(batch):
+        sum_wce += w[s] * ce_i[s]
+        sum_ce += ce_i[s]
+        sum_w += w[s]
+        sum_gce += gce_value[s]
+    ld = np.float32(lambda_dis)
+    ls = np.float32(lambda_swap)
+    lsb = np.float32(lambda_swap_b)
+    gce_b = sum_gce * inv_b
+    loss_dis = sum_wce * inv_b + ld * gce_b
+    stats[0] = sum_ce * inv_b
+    stats[1] = gce_b
+    stats[2] = sum_w * inv_b
+    stats[3] = loss_dis
+    loss = loss_dis
+    if swap:
+        sum_wce_s = np.float32(0.0)
+        sum_gce_s = np.float32(0.0)
+        for s in range(batch):
+            sum_wce_s += w[s] * (-log_p_y[batch + s])
+            sum_gce_s += gce_value[batch + s]
+        loss_swap = sum_wce_s * inv_b + lsb * (sum_gce_s * inv_b)
+        loss = loss_dis + ls * loss_swap
+        stats[4] = loss_swap
+    # dL/dlogits = coef / B * (softmax - onehot): coef W (i), ls W (i'), ld f (b), ls lsb f (b').
+    coef = np.empty(total, np.float32)
+    for s in range(batch):
+        coef[s] = w[s] * inv_b
+        coef[rows + s] = (ld * gce_factor[s]) * inv_b
+        if swap:
+            coef[batch + s] = (ls * w[s]) * inv_b
+            coef[rows + batch + s] = ((ls * lsb) * gce_factor[batch + s]) * inv_b
+    for c in range(classes):
+        for r in range(total):
+            grad_t[c, r] *= coef[r]
+    return loss, rescanned
+
+
+@numba.njit(nogil=True, cache=True, fastmath=_PRODUCTS)
+def _backward(grad_t, scale, z_i, z_b, perm, swap, weight_i, weight_b, d_z_i, d_z_b,
+              d_weight_i, d_bias_i, d_weight_b, d_bias_b):  # pragma: no cover (compiled)
+    batch, dim = z_i.shape
+    classes = grad_t.shape[0]
+    k = 2 if swap else 1
+    rows = k * batch
+    rows_t = _rows_t(z_i, z_b, perm, swap)
+    # g[m, c, r]: dL/dlogits of classifier m (0: intrinsic, 1: bias), row r (B or 2B rows).
+    g = np.empty((2, classes, rows), np.float32)
+    for m in range(2):
+        for c in range(classes):
+            source = grad_t[c, m * rows:(m + 1) * rows]
+            for r in range(rows):
+                g[m, c, r] = source[r] * scale
+    # Classifier gradients: the sums of G and G^T [rows], per classifier.
+    for m in range(2):
+        d_weight = d_weight_i if m == 0 else d_weight_b
+        d_bias = d_bias_i if m == 0 else d_bias_b
+        for c in range(classes):
+            gc = g[m, c]
+            acc = np.float32(0.0)
+            for r in range(rows):
+                acc += gc[r]
+            d_bias[c] = acc
+            for d in range(2 * dim):
+                feature = rows_t[d]
+                acc = np.float32(0.0)
+                for r in range(rows):
+                    acc += gc[r] * feature[r]
+                d_weight[c, d] = acc
+    # Feature gradients, transposed (D, B): the intrinsic classifier's loss reaches z_i only
+    # (its rows i and i'), the bias classifier's z_b only (rows b, and b' through pi): the
+    # stop-gradients of METHOD.md section 4.
+    gi = np.zeros((dim, rows), np.float32)
+    gb = np.zeros((dim, rows), np.float32)
+    for c in range(classes):
+        g_i = g[0, c]
+        g_b = g[1, c]
+        for d in range(dim):
+            wi = weight_i[c, d]
+            wb = weight_b[c, dim + d]
+            out_i = gi[d]
+            out_b = gb[d]
+            for r in range(rows):
+                out_i[r] += wi * g_i[r]
+                out_b[r] += wb * g_b[r]
+    for s in range(batch):
+        for d in range(dim):
+            d_z_i[s, d] = gi[d, s] + gi[d, batch + s] if swap else gi[d, s]
+            d_z_b[s, d] = gb[d, s]
+    if swap:
+        for s in range(batch):
+            t = perm[s]
+            for d in range(dim):
+                d_z_b[t, d] += gb[d, batch + s]
+
+
+def usable(z_i, z_b, weight_i, bias_i, weight_b, bias_b, ema_i, ema_b, seen, labels,
+           gather) -> bool:
+    """Whether the compiled head computes this step: float32 CPU tensors, features of equal
+    shape, classifiers over [z_i, z_b] with biases, buffers `numba_weighting` takes, no
+    data-parallel gather."""
+    tensors = (z_i, z_b, weight_i, bias_i, weight_b, bias_b)
+    return (gather is None and numba_weighting.takes(ema_i, ema_b, seen, labels) and all(t is not None and t.device.type == "cpu"
+                                   and t.dtype == torch.float32 for t in tensors)
+            and z_i.dim() == 2 and z_i.shape == z_b.shape
+            and weight_i.shape == weight_b.shape == (weight_i.shape[0], 2 * z_i.shape[1])
+            and bias_i.shape == bias_b.shape == (weight_i.shape[0],))
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().contiguous().numpy()
+
+
+class NumbaHeadFunction(torch.autograd.Function):
+    """The DisEnt loss of METHOD.md section 4 with its statistics; updates the EMAs in place."""
+
+    @staticmethod
+    def forward(ctx, z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b,
+                seen, labels, num_classes, perm, lambda_dis, lambda_swap_b, lambda_swap, q,
+                alpha, gce_form, gather):
+        if gce_form not in GCE_FORM_CODES:
+            raise ValueError(f"unknown GCE form {gce_form!r}; expected one of "
+                             f"{_reference.GCE_FORMS}")
+        B = z_i.shape[0]
+        swap = perm is not None
+        if swap and perm.shape != (B,):
+            raise IndexError(f"the swap permutation must hold {B} indices, not "
+                             f"{tuple(perm.shape)}")
+        classes = weight_i.shape[0]
+        if num_classes > classes:
+            raise ValueError(f"num_classes={num_classes} but the classifiers have {classes} "
+                             "outputs")
+        grad = torch.empty(classes, 2 * (2 if swap else 1) * B)  # dL/dlogits, transposed
+        stats = torch.empty(5 if swap else 4)
+        perm_array = _array(perm.to(torch.int64)) if swap else np.zeros(B, np.int64)
+        z_i_a, z_b_a = _array(z_i), _array(z_b)
+        known, valid = numba_weighting.class_maxima(ema_i, ema_b, seen, labels, num_classes)
+        ema_i._dfa_class_max = None  # until the call returns: an error may leave it half done
+        loss, rescanned = _forward(
+            z_i_a, z_b_a, _array(weight_i), _array(bias_i), _array(weight_b), _array(bias_b),
+            numba_weighting._ints(label), numba_weighting._ints(index), perm_array, swap,
+            ema_i.numpy(), ema_b.numpy(), seen.numpy(), labels.numpy(), num_classes,
+            float(lambda_dis), float(lambda_swap_b), float(lambda_swap), float(q), float(alpha),
+            GCE_FORM_CODES[gce_form], _reference.MAX_FLOOR, _reference.WEIGHT_EPS,
+            numba_weighting.scratch(len(ema_i)), known.max_i, known.max_b, valid,
+            grad.numpy(), stats.numpy())
+        numba_weighting.keep_class_maxima(ema_i, known, rescanned)
+        ctx.save_for_backward(grad, weight_i, weight_b)
+        ctx.arrays = (z_i_a, z_b_a, perm_array, swap)
+        ctx.mark_non_differentiable(stats)
+        return torch.tensor(loss, dtype=torch.float32), stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        grad, weight_i, weight_b = ctx.saved_tensors
+        z_i, z_b, perm, swap = ctx.arrays
+        outs = [torch.empty(z_i.shape), torch.empty(z_b.shape), torch.empty(weight_i.shape),
+                torch.empty(weight_i.shape[0]), torch.empty(weight_b.shape),
+                torch.empty(weight_b.shape[0])]
+        _backward(grad.numpy(), float(grad_loss), z_i, z_b, perm, swap, _array(weight_i),
+                  _array(weight_b), *(t.numpy() for t in outs))
+        return tuple(outs) + (None,) * 15
