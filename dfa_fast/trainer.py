@@ -360,6 +360,8 @@ class Trainer:
                    unit="step", dynamic_ncols=True)
         writer = self._tensorboard() if t.tensorboard and self.is_main else None
         step = self.start_step
+        # DeepSpeed divides the loss by the accumulation steps; by 1 that is a no-op autograd node.
+        scale = t.grad_accum > 1
         try:
             for step in range(self.start_step, t.steps):
                 for _ in range(t.grad_accum):
@@ -367,7 +369,7 @@ class Trainer:
                     batch = next(stream)
                     window["data"] += time.perf_counter() - before
                     loss, stats = method.step(batch, step)
-                    engine.backward(loss)
+                    engine.backward(loss, scale_wrt_gas=scale)
                     engine.step()
                     stats["loss"] = loss.detach()
                     for key, value in stats.items():
