@@ -295,7 +295,7 @@ class NumbaHeadFunction(torch.autograd.Function):
         perm_array = _array(perm.to(torch.int64)) if swap else np.zeros(B, np.int64)
         z_i_a, z_b_a = _array(z_i), _array(z_b)
         known, valid = numba_weighting.class_maxima(ema_i, ema_b, seen, labels, num_classes)
-        ema_i._dfa_class_max = None  # until the call returns: an error may leave it half done
+        numba_weighting.forget_class_maxima(ema_i)  # an error may leave them half updated
         loss, rescanned = _forward(
             z_i_a, z_b_a, _array(weight_i), _array(bias_i), _array(weight_b), _array(bias_b),
             numba_weighting._ints(label), numba_weighting._ints(index), perm_array, swap,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dfa_fast import ops
-from dfa_fast.kernels import numba_head
+from dfa_fast.kernels import numba_head, numba_weighting
 from kernel_oracle import clone_state, random_state
 from kernel_oracle import seed  # noqa: F401 (fixture)
 
@@ -156,9 +156,9 @@ def test_the_compiled_head_refuses_out_of_range_indices_and_forgets_its_class_ma
     args = [torch.randn(B, D), torch.randn(B, D), torch.randn(C, 2 * D), torch.randn(C),
             torch.randn(C, 2 * D), torch.randn(C)]
     ops.disent_head(*args, label, index, *state, C, perm, **LAMBDAS)  # a good step first
-    assert state[0]._dfa_class_max is not None
+    assert numba_weighting.maxima_of(state[0]) is not None
     {"label": label, "index": index, "perm": perm}[bad][3] = {"label": C, "index": N,
                                                              "perm": B}[bad]
     with pytest.raises(IndexError):
         ops.disent_head(*args, label, index, *state, C, perm, **LAMBDAS)
-    assert state[0]._dfa_class_max is None
+    assert numba_weighting.maxima_of(state[0]) is None

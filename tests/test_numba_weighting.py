@@ -74,7 +74,7 @@ def test_class_maxima_kept_between_steps_stay_exact(n, classes, batch):
                                          0.7)
         w = numba_weighting.sample_weights(*mine, classes, index, labels[index], ce_i, ce_b, 0.7)
         assert_identical((w_ref, *ref_state[:3]), (w, *mine[:3]))
-        known = mine[0]._dfa_class_max
+        known = numba_weighting.maxima_of(mine[0])
         for got, ema in ((known.max_i, mine[0]), (known.max_b, mine[1])):
             assert torch.equal(torch.from_numpy(got), raw_class_max(ema, labels, classes))
     assert 1 <= known.scans < known.calls == 80  # both ways were taken
@@ -88,18 +88,19 @@ def test_buffers_written_by_pytorch_or_replaced_are_scanned_again():
     ce = torch.rand(32, generator=gen)
     numba_weighting.sample_weights(*state, 4, index, labels[index], ce, ce, 0.7)
     numba_weighting.sample_weights(*state, 4, index, labels[index], ce, ce, 0.7)
-    assert ema_i._dfa_class_max.scans == 1 and ema_i._dfa_class_max.calls == 2
+    kept = numba_weighting.maxima_of
+    assert kept(ema_i).scans == 1 and kept(ema_i).calls == 2
     # A checkpoint restore lowers every value (copy_ into the buffers, as SampleLossEMA does).
     ema_b.copy_(ema_b * 0.5)
     ref = reference.sample_weights(ema_i.clone(), ema_b.clone(), seen.clone(), labels, 4, index,
                                    labels[index], ce, ce, 0.7)
     got = numba_weighting.sample_weights(*state, 4, index, labels[index], ce, ce, 0.7)
     assert torch.equal(got, ref)
-    assert ema_i._dfa_class_max.scans == ema_i._dfa_class_max.calls == 1  # started over
+    assert kept(ema_i).scans == kept(ema_i).calls == 1  # started over
     # Another seen-flag tensor (a new EMA object sharing ema_i would be a bug, but is handled).
     got = numba_weighting.sample_weights(ema_i, ema_b, seen.clone(), labels, 4, index,
                                          labels[index], ce, ce, 0.7)
-    assert ema_i._dfa_class_max.scans == ema_i._dfa_class_max.calls == 1
+    assert kept(ema_i).scans == kept(ema_i).calls == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -197,3 +198,19 @@ def test_lff_head_of_the_fused_backend_matches_the_reference(monkeypatch):
         results.append([loss.detach(), *stats.values(), *(t.grad for t in leaves), *buffers])
     for want, got in zip(*results):
         assert torch.equal(got, want)
+
+
+def test_kept_maxima_stay_out_of_checkpoints_and_go_with_their_buffer(tmp_path):
+    gen = torch.Generator().manual_seed(4)
+    state = random_state(200, 3, gen)
+    index = torch.randperm(200, generator=gen)[:16]
+    ce = torch.rand(16, generator=gen)
+    numba_weighting.sample_weights(*state, 3, index, state[3][index], ce, ce, 0.7)
+    assert numba_weighting.maxima_of(state[0]) is not None
+    # SampleLossEMA.state_dict hands out the buffers themselves on a CPU.
+    torch.save({"ema_i": state[0], "ema_b": state[1]}, tmp_path / "ema.pt")
+    loaded = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert torch.equal(loaded["ema_i"], state[0]) and not loaded["ema_i"].__dict__
+    kept = len(numba_weighting._kept)
+    del state
+    assert len(numba_weighting._kept) == kept - 1
