@@ -260,8 +260,9 @@ def usable(z_i, z_b, weight_i, bias_i, weight_b, bias_b, ema_i, ema_b, seen, lab
     shape, classifiers over [z_i, z_b] with biases, buffers `numba_weighting` takes, no
     data-parallel gather."""
     tensors = (z_i, z_b, weight_i, bias_i, weight_b, bias_b)
-    return (gather is None and numba_weighting.takes(ema_i, ema_b, seen, labels) and all(t is not None and t.device.type == "cpu"
-                                   and t.dtype == torch.float32 for t in tensors)
+    return (gather is None and numba_weighting.takes(ema_i, ema_b, seen, labels)
+            and all(t is not None and t.device.type == "cpu" and t.dtype == torch.float32
+                    for t in tensors)
             and z_i.dim() == 2 and z_i.shape == z_b.shape
             and weight_i.shape == weight_b.shape == (weight_i.shape[0], 2 * z_i.shape[1])
             and bias_i.shape == bias_b.shape == (weight_i.shape[0],))
@@ -305,19 +306,19 @@ class NumbaHeadFunction(torch.autograd.Function):
             numba_weighting.scratch(len(ema_i)), known.max_i, known.max_b, valid,
             grad.numpy(), stats.numpy())
         numba_weighting.keep_class_maxima(ema_i, known, rescanned)
-        ctx.save_for_backward(grad, weight_i, weight_b)
-        ctx.arrays = (z_i_a, z_b_a, perm_array, swap)
+        ctx.save_for_backward(grad, z_i, z_b, weight_i, weight_b)  # version-checked by autograd
+        ctx.swap = (perm_array, swap)
         ctx.mark_non_differentiable(stats)
         return torch.tensor(loss, dtype=torch.float32), stats
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
-        grad, weight_i, weight_b = ctx.saved_tensors
-        z_i, z_b, perm, swap = ctx.arrays
+        grad, z_i, z_b, weight_i, weight_b = ctx.saved_tensors
+        perm, swap = ctx.swap
         outs = [torch.empty(z_i.shape), torch.empty(z_b.shape), torch.empty(weight_i.shape),
                 torch.empty(weight_i.shape[0]), torch.empty(weight_b.shape),
                 torch.empty(weight_b.shape[0])]
-        _backward(grad.numpy(), float(grad_loss), z_i, z_b, perm, swap, _array(weight_i),
-                  _array(weight_b), *(t.numpy() for t in outs))
+        _backward(grad.numpy(), float(grad_loss), _array(z_i), _array(z_b), perm, swap,
+                  _array(weight_i), _array(weight_b), *(t.numpy() for t in outs))
         return tuple(outs) + (None,) * 15

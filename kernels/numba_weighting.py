@@ -14,7 +14,8 @@ reference's bit for bit (the tests compare them):
    updated from the samples of this one; a pass over both whole buffers (about 55 us of the 67 us
    a call took at 55,000 samples) runs only where that cannot give them: the first call, buffers
    written by PyTorch since (checkpoints), or a sample that held its class maximum whose value
-   fell (3 % of the first 3,000 steps of a Colored MNIST run). A maximum is exact either way, so W is the same bit for bit;
+   fell (3 % of the first 3,000 steps of a Colored MNIST run). A maximum is exact either way, so W
+   is the same bit for bit;
 4. W = e_b / (e_b + e_i + eps) for the batch's samples.
 
 Only for CPU tensors; `sample_weights` hands tensors on other devices to the reference.
