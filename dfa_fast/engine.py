@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import importlib
 import json
 import os
@@ -158,8 +159,10 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
         # A bounded timeout: if a rank dies, the others' collectives fail instead of waiting.
         deepspeed.init_distributed(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
     # torch.optim.Adam's fused kernel (one pass over each parameter for the whole update, CPU
-    # and CUDA) with a short step (`dfa_fast.optim`).
-    optimizer = Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    # and CUDA), with a short step (`dfa_fast.optim`) where DeepSpeed steps it as given; ZeRO
+    # accepts only its listed optimizer types (torch.optim.Adam itself) and steps its partitions.
+    kind = Adam if cfg.train.zero_stage == 0 else functools.partial(torch.optim.Adam, fused=True)
+    optimizer = kind(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.optim.lr_factor)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=schedule, config=ds_config)

@@ -112,7 +112,7 @@ def test_closure_hooks_and_the_profiler_still_work():
 
 def test_the_engine_uses_it_and_clears_the_gradients_after_a_step(tmp_path):
     from dfa_fast import config
-    from dfa_fast.engine import initialize, prepare_environment
+    from dfa_fast.engine import build_ds_config, initialize, prepare_environment
     from dfa_fast.models import DisEntModel
     cfg = config.resolve("cmnist", 1, "disent", {"train": {"device": "cpu"}})
     prepare_environment(torch.device("cpu"))
@@ -127,5 +127,9 @@ def test_the_engine_uses_it_and_clears_the_gradients_after_a_step(tmp_path):
     engine.backward(engine.module.fc_i(torch.cat([z_i, z_b], 1)).square().sum()
                     + engine.module.fc_b(torch.cat([z_i, z_b], 1)).square().sum())
     engine.step()
-    for old, p in zip(before, engine.module.parameters()):  # noqa
+    for old, p in zip(before, engine.module.parameters()):
         assert p.grad is None and not torch.equal(old, p)
+    # Under ZeRO (listed optimizer types only) the engine gets torch.optim.Adam itself.
+    cfg = config.resolve("cmnist", 1, "disent", {"train": {"device": "cpu", "zero_stage": 1}})
+    engine = initialize(DisEntModel(cfg.model, 10), cfg, build_ds_config(cfg, 1))
+    assert type(engine.basic_optimizer) is torch.optim.Adam
