@@ -31,6 +31,7 @@ from torch.autograd.function import once_differentiable
 
 from . import numba_weighting
 from . import reference as _reference
+from .numba_weighting import _floats, _ints
 
 GCE_FORM_CODES = {"reference": 0, "textbook": 1}
 
@@ -268,10 +269,6 @@ def usable(z_i, z_b, weight_i, bias_i, weight_b, bias_b, ema_i, ema_b, seen, lab
             and bias_i.shape == bias_b.shape == (weight_i.shape[0],))
 
 
-def _array(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
-
-
 class NumbaHeadFunction(torch.autograd.Function):
     """The DisEnt loss of METHOD.md section 4 with its statistics; updates the EMAs in place."""
 
@@ -293,13 +290,13 @@ class NumbaHeadFunction(torch.autograd.Function):
                              "outputs")
         grad = torch.empty(classes, 2 * (2 if swap else 1) * B)  # dL/dlogits, transposed
         stats = torch.empty(5 if swap else 4)
-        perm_array = _array(perm.to(torch.int64)) if swap else np.zeros(B, np.int64)
-        z_i_a, z_b_a = _array(z_i), _array(z_b)
-        known, valid = numba_weighting.class_maxima(ema_i, ema_b, seen, labels, num_classes)
-        numba_weighting.forget_class_maxima(ema_i)  # an error may leave them half updated
+        perm_array = _ints(perm) if swap else np.zeros(B, np.int64)
+        z_i_a, z_b_a = _floats(z_i), _floats(z_b)
+        known, valid = numba_weighting.take_class_maxima(ema_i, ema_b, seen, labels,
+                                                         num_classes)
         loss, rescanned = _forward(
-            z_i_a, z_b_a, _array(weight_i), _array(bias_i), _array(weight_b), _array(bias_b),
-            numba_weighting._ints(label), numba_weighting._ints(index), perm_array, swap,
+            z_i_a, z_b_a, _floats(weight_i), _floats(bias_i), _floats(weight_b), _floats(bias_b),
+            _ints(label), _ints(index), perm_array, swap,
             ema_i.numpy(), ema_b.numpy(), seen.numpy(), labels.numpy(), num_classes,
             float(lambda_dis), float(lambda_swap_b), float(lambda_swap), float(q), float(alpha),
             GCE_FORM_CODES[gce_form], _reference.MAX_FLOOR, _reference.WEIGHT_EPS,
@@ -319,6 +316,6 @@ class NumbaHeadFunction(torch.autograd.Function):
         outs = [torch.empty(z_i.shape), torch.empty(z_b.shape), torch.empty(weight_i.shape),
                 torch.empty(weight_i.shape[0]), torch.empty(weight_b.shape),
                 torch.empty(weight_b.shape[0])]
-        _backward(grad.numpy(), float(grad_loss), _array(z_i), _array(z_b), perm, swap,
-                  _array(weight_i), _array(weight_b), *(t.numpy() for t in outs))
+        _backward(grad.numpy(), float(grad_loss), _floats(z_i), _floats(z_b), perm, swap,
+                  _floats(weight_i), _floats(weight_b), *(t.numpy() for t in outs))
         return tuple(outs) + (None,) * 15

@@ -144,8 +144,7 @@ def sample_weights(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
     if gather is not None:
         upd_index, upd_i, upd_b = gather(upd_index, upd_i, upd_b)
     out = torch.empty(len(index), dtype=torch.float32)
-    known, valid = class_maxima(ema_i, ema_b, seen, labels, num_classes)
-    forget_class_maxima(ema_i)  # until the call returns: an error may leave them half updated
+    known, valid = take_class_maxima(ema_i, ema_b, seen, labels, num_classes)
     rescanned = _update_and_weigh(ema_i.numpy(), ema_b.numpy(), seen.numpy(), labels.numpy(),
                                   num_classes, _ints(upd_index), _floats(upd_i), _floats(upd_b),
                                   float(alpha), _ints(index), _ints(label), _reference.MAX_FLOOR,
@@ -174,15 +173,10 @@ def maxima_of(ema_i: torch.Tensor) -> Optional["ClassMaxima"]:
     return entry[1] if entry is not None and entry[0]() is ema_i else None
 
 
-def forget_class_maxima(ema_i: torch.Tensor) -> None:
-    """Drop the class maxima kept for ``ema_i`` (the next call finds them by a full pass)."""
-    entry = _kept.get(id(ema_i))
-    if entry is not None and entry[0]() is ema_i:
-        del _kept[id(ema_i)]
-
-
-def class_maxima(ema_i, ema_b, seen, labels, num_classes) -> tuple["ClassMaxima", bool]:
-    """Return the class maxima kept for these buffers and whether they are valid.
+def take_class_maxima(ema_i, ema_b, seen, labels, num_classes) -> tuple["ClassMaxima", bool]:
+    """Take the class maxima kept for these buffers out of the registry (an error in the call
+    that follows may leave them half updated; `keep_class_maxima` puts them back after it) and
+    return them with whether they are valid.
 
     They are the maxima after the last call, valid while no PyTorch operation has written the
     buffers since (a copy from a checkpoint, the reference's update): their version counters are
@@ -191,9 +185,10 @@ def class_maxima(ema_i, ema_b, seen, labels, num_classes) -> tuple["ClassMaxima"
     partners = (ema_b, seen, labels)
     versions = (num_classes, ema_i._version, ema_b._version, seen._version, labels._version)
     known = maxima_of(ema_i)
-    if (known is not None and known.versions == versions
-            and all(a is b for a, b in zip(known.partners, partners))):
-        return known, True
+    if known is not None:
+        del _kept[id(ema_i)]
+        if known.versions == versions and all(a is b for a, b in zip(known.partners, partners)):
+            return known, True
     return ClassMaxima(partners, versions, np.zeros(num_classes, np.float32),
                        np.zeros(num_classes, np.float32)), False
 
@@ -202,13 +197,8 @@ def keep_class_maxima(ema_i, known: "ClassMaxima", rescanned: bool) -> None:
     """Keep the maxima a kernel call left in ``known`` for the next call; returns None."""
     known.calls += 1
     known.scans += bool(rescanned)
-    key = id(ema_i)
-    entry = _kept.get(key)
-    if entry is not None and entry[0]() is ema_i:
-        reference = entry[0]
-    else:  # the entry goes when the buffer does
-        reference = weakref.ref(ema_i, lambda _, key=key: _kept.pop(key, None))
-    _kept[key] = (reference, known)
+    key = id(ema_i)  # the entry goes when the buffer does
+    _kept[key] = (weakref.ref(ema_i, lambda _, key=key: _kept.pop(key, None)), known)
 
 
 class ClassMaxima:
@@ -225,4 +215,4 @@ def _ints(t: torch.Tensor) -> np.ndarray:
 
 
 def _floats(t: torch.Tensor) -> np.ndarray:
-    return t.to(torch.float32).contiguous().numpy()
+    return t.detach().to(torch.float32).contiguous().numpy()

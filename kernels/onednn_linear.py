@@ -54,30 +54,11 @@ def product(a: torch.Tensor, b: torch.Tensor, bias=None, relu: bool = False) -> 
     return _LINEAR(a, b, bias, "relu" if relu else "none", [None] if relu else [], "")
 
 
-class LinearReLUFunction(torch.autograd.Function):
-    """relu(x W^T + b) with the gradients of x, W and b."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        out = product(x, weight, bias, relu=True)
-        ctx.save_for_backward(x, weight, out)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, weight, out = ctx.saved_tensors
-        grad = torch.ops.aten.threshold_backward(grad_out, out, 0)  # zero where ReLU was off
-        grad_x = product(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_w = product(grad.t(), x.t()) if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(0) if ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
-
-
 class LinearReLUChainFunction(torch.autograd.Function):
-    """relu(... relu(relu(x W1^T + b1) W2^T + b2) ...) as one autograd node: the products and
-    their order are `LinearReLUFunction`'s layer after layer, with one Python call forward and one
-    backward for the whole chain instead of one per layer."""
+    """relu(... relu(relu(x W1^T + b1) W2^T + b2) ...) as one autograd node: per layer the forward
+    product with bias and ReLU fused, and backward the input and weight gradients as two more
+    oneDNN products (the input's only when it needs one), with one Python call forward and one
+    backward for the whole chain."""
 
     @staticmethod
     def forward(ctx, x, *params):  # params: weight, bias of each layer in turn
@@ -133,4 +114,4 @@ def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> to
     if x.shape[1] != weight.shape[1] or bias.shape != (weight.shape[0],):
         raise ValueError(f"linear_relu: input {tuple(x.shape)}, weight {tuple(weight.shape)} and "
                          f"bias {tuple(bias.shape)} do not match; expected (B, K), (N, K), (N,)")
-    return LinearReLUFunction.apply(x, weight, bias)
+    return LinearReLUChainFunction.apply(x, weight, bias)  # a chain of one layer
