@@ -3,7 +3,8 @@
 The oracles are written independently of ``kernels/reference.py`` (which computes in float32 by
 design): losses in float64 with autograd, and the EMA update as a per-sample Python loop over the
 batch, so the duplicate-index rule (each index once, with the mean of its losses) is checked against
-its plainest statement. Fixtures: ``device`` (the interpreter's CPU, or a CUDA GPU when the tests run
+its plainest statement; `head_oracle` is a whole DisEnt head in float64 and `float32_error_bounds`
+says how far a float32 head's gradients may fall from it by rounding alone. Fixtures: ``device`` (the interpreter's CPU, or a CUDA GPU when the tests run
 without the interpreter), ``seed`` (fresh every run, printed so a failure can be replayed with
 ``DFA_TEST_SEED``), ``poison`` (every ``torch.empty`` returns NaN / sentinel-filled memory, so an
 element a kernel forgets to write fails the comparison) and ``gpu_tiles`` (the GPU tile sizes on the
@@ -79,19 +80,23 @@ def gpu_tiles(monkeypatch):
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str,
-                 baseline: torch.Tensor | None = None) -> None:
+                 baseline: torch.Tensor | None = None,
+                 bound: torch.Tensor | None = None) -> None:
     """Assert |actual - expected| <= rtol * (|expected| + max|expected|), NaN never passing.
 
-    fp16 results also get fp16's resolution near zero (its subnormal spacing, 2**-24). With a
-    ``baseline`` (PyTorch's float32 result for the same inputs) the error may also reach 4x the
-    baseline's largest error: a sum that cancels (a bias gradient over a few rows, say) has an
-    error set by its terms, not by its small result, and float32 PyTorch faces the same.
+    fp16 results also get fp16's resolution near zero (its subnormal spacing, 2**-24). A sum that
+    cancels (a bias gradient over a few rows, say) has an error set by its terms, not by its small
+    result, so two allowances may be added: with a ``baseline`` (PyTorch's float32 result for the
+    same inputs) 4x the baseline's largest error, and ``bound`` (elementwise, from
+    `float32_error_bounds`).
     """
     atol = 2.0 ** -24 if actual.dtype == torch.float16 else 0.0
     actual = actual.detach().double().cpu()
     expected = expected.detach().double().cpu()
     if baseline is not None:
         atol += 4 * (baseline.detach().double().cpu() - expected).abs().max().item()
+    if bound is not None:
+        atol = atol + bound.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values (unwritten output?)"
     scale = expected.abs().max().item() if expected.numel() else 0.0
@@ -145,6 +150,120 @@ def weights64(ema_i, ema_b, labels, index, label, num_classes):
     e_i = ema_i[index] / class_max[0, label]
     e_b = ema_b[index] / class_max[1, label]
     return e_b / (e_b + e_i + 1e-8)
+
+
+def head_oracle(params, label, index, state, num_classes, perm, lambdas, form, upd=None,
+                parts=None, q=0.7, alpha=0.7):
+    """Float64 DisEnt loss, statistics and new EMA state (METHOD.md section 4, materialised).
+
+    The classifier inputs ([z_i, sg(z_b)], [sg(z_i), z_b], and the swapped ones with z_b[pi]) go
+    through two float64 linear layers. ``upd`` replaces the (index, ce_i, ce_b) the EMAs are
+    updated with (a data-parallel gather; the batch's own losses first). ``parts``, a dict,
+    receives what `float32_error_bounds` needs: "calls", (classifier, logits, inputs, rows of z
+    the inputs came from, targets) for each of the 2 or 4 classifier calls; "w"; "upd" (its
+    losses as leaves); "index".
+    """
+    parts = {} if parts is None else parts
+    z_i, z_b, weight_i, bias_i, weight_b, bias_b = params
+    logits_i = F.linear(torch.cat([z_i, z_b.detach()], 1), weight_i, bias_i)
+    logits_b = F.linear(torch.cat([z_i.detach(), z_b], 1), weight_b, bias_b)
+    rows = torch.arange(z_i.shape[0], device=z_i.device)
+    calls = [(0, logits_i, torch.cat([z_i, z_b], 1).detach(), rows, label),
+             (1, logits_b, torch.cat([z_i, z_b], 1).detach(), rows, label)]
+    ce_i = cross_entropy64(logits_i, label)
+    ce_b = cross_entropy64(logits_b.detach(), label)
+    if upd is None:
+        upd = (index, ce_i, ce_b)
+    # The losses the EMAs take are leaves, so that the bounds can ask how W depends on them.
+    upd = (upd[0], upd[1].detach().clone().requires_grad_(), upd[2].detach().clone().requires_grad_())
+    new_state = ema_update64(state[0], state[1], state[2], *upd, alpha)
+    w = weights64(new_state[0], new_state[1], state[3], index, label, num_classes).to(ce_i.device)
+    gce_b = gce64(logits_b, label, q, form).mean()
+    loss = (w.detach() * ce_i).mean() + lambdas["lambda_dis"] * gce_b
+    stats = {"ce_i": ce_i.mean(), "gce_b": gce_b, "weight": w.mean(), "loss_dis": loss}
+    if perm is not None:
+        z_b_perm = z_b[perm]
+        swapped_i = F.linear(torch.cat([z_i, z_b_perm.detach()], 1), weight_i, bias_i)
+        swapped_b = F.linear(torch.cat([z_i.detach(), z_b_perm], 1), weight_b, bias_b)
+        swapped_rows = torch.cat([z_i, z_b_perm], 1).detach()
+        calls += [(0, swapped_i, swapped_rows, rows, label),
+                  (1, swapped_b, swapped_rows, perm, label[perm])]
+        loss_swap = ((w.detach() * cross_entropy64(swapped_i, label)).mean()
+                     + lambdas["lambda_swap_b"] * gce64(swapped_b, label[perm], q, form).mean())
+        stats["loss_swap"] = loss_swap
+        loss = loss + lambdas["lambda_swap"] * loss_swap
+    parts.update(calls=calls, w=w, upd=upd, index=index)
+    stats = {key: value.detach() for key, value in stats.items()}
+    return loss, stats, tuple(t.detach() for t in new_state)
+
+
+def float32_error_bounds(loss, parts, params, grad_out, q=0.7):
+    """Per parameter, elementwise, how far a float32 DisEnt head's gradient may fall from the
+    float64 oracle's by rounding alone (``parts`` from `head_oracle`).
+
+    Row r of a classifier call has dL/dlogits = coef_r * (softmax - onehot(target)). Three errors:
+
+    * rounding of the terms: the target entry subtracts two numbers of size |coef_r| (a row the
+      classifier gets right cancels to a small result), so a row's term magnitudes are
+      |dL/dlogits| plus |coef_r| at the target, each with a few float32 roundings (16 units);
+    * the logits: a float32 logit is off by up to u (sum over d of |w_cd x_d| + |b_c|), its
+      log-softmax by up to u (1 + that, largest over the classes) = e_r; that moves the row's
+      softmax (relative e_r) and a GCE row's coefficient q p_y^q (relative q e_r);
+    * W: an unseen sample's W is its bias CE over its two CEs; for a confident row the float32
+      CE is log(1 + tiny), off by e_r in absolute terms, which can be a large relative error of a
+      small CE. The intrinsic rows' coefficients carry W, so they move by dW / W.
+
+    A weight gradient sums its rows' errors times |input|, a bias gradient over rows, a feature
+    row times |weight| over classes (z_i through the intrinsic classifier's first half, z_b
+    through the bias classifier's second half, the swapped rows back through the permutation).
+    """
+    unit = 2.0 ** -24
+    z_i, z_b, weight_i, bias_i, weight_b, bias_b = params
+    features = z_i.shape[1]
+    calls = parts["calls"]
+    grads = torch.autograd.grad(loss, [call[1] for call in calls], grad_out, retain_graph=True)
+    # e_r of every row of every call.
+    errors = []
+    for classifier, logits, inputs, rows, target in calls:
+        weight = (weight_i, weight_b)[classifier].detach().abs()
+        bias = (bias_i, bias_b)[classifier]
+        size = inputs.abs() @ weight.T + (bias.detach().abs() if bias is not None else 0.0)
+        errors.append(unit * (1.0 + size.max(1).values))
+    # dW of each sample: the float32 losses the EMAs take (the first 2 calls) are off by e_r.
+    w, (upd_index, upd_i, upd_b), index = parts["w"], parts["upd"], parts["index"]
+    batch = index.shape[0]
+    d_i, d_b = torch.autograd.grad(w.sum(), [upd_i, upd_b], allow_unused=True)
+    d_i = torch.zeros_like(upd_i) if d_i is None else d_i
+    d_b = torch.zeros_like(upd_b) if d_b is None else d_b
+    # w.sum() counts an index once per batch row that holds it: one row's share.
+    holders = torch.zeros(int(upd_index.max()) + 1, dtype=torch.float64)
+    holders.index_add_(0, index.cpu(), torch.ones(batch, dtype=torch.float64))
+    share = (d_i.abs()[:batch] * errors[0] + d_b.abs()[:batch] * errors[1])
+    share = share / holders[upd_index[:batch].cpu()].clamp_min(1.0)
+    d_w = torch.zeros_like(holders).index_add_(0, upd_index[:batch].cpu(), share)[index.cpu()]
+    relative_w = torch.where(w > 0, d_w / w.detach().clamp_min(1e-300), torch.zeros_like(w))
+    bounds = {"z_i": torch.zeros_like(z_i), "z_b": torch.zeros_like(z_b),
+              "weight_i": torch.zeros_like(weight_i), "weight_b": torch.zeros_like(weight_b),
+              "bias_i": torch.zeros_like(weight_i[:, 0]), "bias_b": torch.zeros_like(weight_b[:, 0])}
+    for (classifier, logits, inputs, rows, target), g, error in zip(calls, grads, errors):
+        g = g.detach()
+        others = 1.0 - F.one_hot(target, g.shape[1]).to(g.dtype)
+        # coef = (sum of the non-target entries) / (their softmax mass), both free of cancellation.
+        mass = (torch.softmax(logits.detach(), 1) * others).sum(1)
+        coef = torch.where(mass > 0, (g * others).sum(1) / mass.clamp_min(1e-300),
+                           torch.zeros_like(mass))
+        terms = g.abs() + coef.abs()[:, None] * (1.0 - others)
+        moved = error * (1.0 + q) if classifier == 1 else error + relative_w
+        row_bound = 16 * unit * terms + g.abs() * moved[:, None]
+        suffix = "ib"[classifier]
+        weight = (weight_i, weight_b)[classifier].detach().abs()
+        bounds[f"weight_{suffix}"] += row_bound.T @ inputs.abs()
+        bounds[f"bias_{suffix}"] += row_bound.sum(0)
+        if classifier == 0:
+            bounds["z_i"] += row_bound @ weight[:, :features]
+        else:
+            bounds["z_b"].index_add_(0, rows, row_bound @ weight[:, features:])
+    return bounds
 
 
 def random_state(n: int, num_classes: int, device: str):
