@@ -4,8 +4,9 @@ The oracles are written independently of ``kernels/reference.py`` (which compute
 design): losses in float64 with autograd, and the EMA update as a per-sample Python loop over the
 batch, so the duplicate-index rule (each index once, with the mean of its losses) is checked against
 its plainest statement; `head_oracle` is a whole DisEnt head in float64 and `float32_error_bounds`
-says how far a float32 head's gradients may fall from it by rounding alone. Fixtures: ``device`` (the interpreter's CPU, or a CUDA GPU when the tests run
-without the interpreter), ``seed`` (fresh every run, printed so a failure can be replayed with
+says how far a float32 head's gradients may fall from it by rounding alone. Fixtures: ``device``
+(the interpreter's CPU, or a CUDA GPU when the tests run without the interpreter), ``seed`` (fresh
+every run, printed so a failure can be replayed with
 ``DFA_TEST_SEED``), ``poison`` (every ``torch.empty`` returns NaN / sentinel-filled memory, so an
 element a kernel forgets to write fails the comparison) and ``gpu_tiles`` (the GPU tile sizes on the
 interpreter: more programs, atomics across programs, more loop trips).
@@ -175,7 +176,7 @@ def head_oracle(params, label, index, state, num_classes, perm, lambdas, form, u
     if upd is None:
         upd = (index, ce_i, ce_b)
     # The losses the EMAs take are leaves, so that the bounds can ask how W depends on them.
-    upd = (upd[0], upd[1].detach().clone().requires_grad_(), upd[2].detach().clone().requires_grad_())
+    upd = (upd[0], *(losses.detach().clone().requires_grad_() for losses in upd[1:]))
     new_state = ema_update64(state[0], state[1], state[2], *upd, alpha)
     w = weights64(new_state[0], new_state[1], state[3], index, label, num_classes).to(ce_i.device)
     gce_b = gce64(logits_b, label, q, form).mean()
@@ -229,22 +230,18 @@ def float32_error_bounds(loss, parts, params, grad_out, q=0.7):
         bias = (bias_i, bias_b)[classifier]
         size = inputs.abs() @ weight.T + (bias.detach().abs() if bias is not None else 0.0)
         errors.append(unit * (1.0 + size.max(1).values))
-    # dW of each sample: the float32 losses the EMAs take (the first 2 calls) are off by e_r.
-    w, (upd_index, upd_i, upd_b), index = parts["w"], parts["upd"], parts["index"]
+    # dW of each sample: the float32 losses the EMAs take (the first 2 calls, the first B entries
+    # of the update) are off by e_r. w.sum() counts a duplicated index once per row holding it.
+    w, (_, upd_i, upd_b), index = parts["w"], parts["upd"], parts["index"].cpu()
+    d_i, d_b = torch.autograd.grad(w.sum(), [upd_i, upd_b])
     batch = index.shape[0]
-    d_i, d_b = torch.autograd.grad(w.sum(), [upd_i, upd_b], allow_unused=True)
-    d_i = torch.zeros_like(upd_i) if d_i is None else d_i
-    d_b = torch.zeros_like(upd_b) if d_b is None else d_b
-    # w.sum() counts an index once per batch row that holds it: one row's share.
-    holders = torch.zeros(int(upd_index.max()) + 1, dtype=torch.float64)
-    holders.index_add_(0, index.cpu(), torch.ones(batch, dtype=torch.float64))
-    share = (d_i.abs()[:batch] * errors[0] + d_b.abs()[:batch] * errors[1])
-    share = share / holders[upd_index[:batch].cpu()].clamp_min(1.0)
-    d_w = torch.zeros_like(holders).index_add_(0, upd_index[:batch].cpu(), share)[index.cpu()]
+    share = d_i[:batch].abs() * errors[0] + d_b[:batch].abs() * errors[1]
+    per_index = torch.zeros(int(index.max()) + 1, dtype=torch.float64).index_add_(0, index, share)
+    d_w = (per_index / torch.bincount(index).clamp_min(1))[index]
     relative_w = torch.where(w > 0, d_w / w.detach().clamp_min(1e-300), torch.zeros_like(w))
-    bounds = {"z_i": torch.zeros_like(z_i), "z_b": torch.zeros_like(z_b),
-              "weight_i": torch.zeros_like(weight_i), "weight_b": torch.zeros_like(weight_b),
-              "bias_i": torch.zeros_like(weight_i[:, 0]), "bias_b": torch.zeros_like(weight_b[:, 0])}
+    shapes = {"z_i": z_i, "z_b": z_b, "weight_i": weight_i, "weight_b": weight_b,
+              "bias_i": weight_i[:, 0], "bias_b": weight_b[:, 0]}
+    bounds = {name: torch.zeros_like(like, dtype=torch.float64) for name, like in shapes.items()}
     for (classifier, logits, inputs, rows, target), g, error in zip(calls, grads, errors):
         g = g.detach()
         others = 1.0 - F.one_hot(target, g.shape[1]).to(g.dtype)

@@ -105,10 +105,10 @@ def test_fused_head_saturated_logits(form, compiled, seed, monkeypatch):
     ref = head("torch", monkeypatch, inputs, state, C, perm, **kwargs)
     got = [fused[0], *fused[1].values(), *fused[2], *fused[3][:2]]
     want = [ref[0], *ref[1].values(), *ref[2], *ref[3][:2]]
-    for index_, (a, b) in enumerate(zip(got, want)):
-        assert torch.isfinite(a).all(), f"output {index_}: not finite"
+    for position, (a, b) in enumerate(zip(got, want)):
+        assert torch.isfinite(a).all(), f"output {position}: not finite"
         scale = b.abs().max().item()
-        assert_close(a, b, f"output {index_}", rtol=1e-4, atol=1e-4 * scale + 1e-6)
+        assert_close(a, b, f"output {position}", rtol=1e-4, atol=1e-4 * scale + 1e-6)
 
 
 @pytest.mark.parametrize("dtype,grad_scale", [(torch.float32, 0.25), (torch.bfloat16, 0.25),
