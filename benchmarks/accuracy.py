@@ -28,10 +28,10 @@ from dfa_fast.report import aggregate, find_summaries, markdown_table  # noqa: E
 def run_command(args, ratio: str, method: str, seed: int, run_dir: Path) -> list[str]:
     """Return the `dfa-fast train` command of one grid cell (a resume if it was interrupted: from
     its last checkpoint, or over from step 0 when it stopped before the first)."""
-    common = ["--set", "train.progress=false", "--set", "train.threads=1"]
+    common = ["--set", "train.progress=false", "--set", f"train.threads={args.threads}"]
     if (run_dir / "config.yaml").is_file():
         return [sys.executable, "-m", "dfa_fast", "train", "--resume", str(run_dir), *common]
-    command = [sys.executable, "-m", "dfa_fast", "train", "--preset", args.dataset, "--ratio",
+    command = [sys.executable, "-m", "dfa_fast", "train", "--preset", args.preset, "--ratio",
                ratio, "--method", method, "--data", str(args.data), "--out", str(run_dir),
                "--seed", str(seed), *common]
     if args.steps:
@@ -44,27 +44,32 @@ def run_command(args, ratio: str, method: str, seed: int, run_dir: Path) -> list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="cmnist")
+    parser.add_argument("--preset", help="preset of the runs (default: the data set's published "
+                                         "one; e.g. cifar10c-fast)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--data", type=Path, required=True, help="prepared data (all ratios)")
     parser.add_argument("--ratios", help="comma-separated percentages (default: the preset's)")
     parser.add_argument("--methods", default="vanilla,lff,disent")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, help="override the preset's steps (not published)")
     parser.add_argument("--runs", type=Path, default=Path("runs/accuracy"))
-    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--jobs", type=int, help="runs at a time (default: cores / threads)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override passed to every run (not a published setting: use its own "
                              "--runs and --name)")
     parser.add_argument("--name", help="results name (default: accuracy-<dataset>)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
-    ratios = args.ratios.split(",") if args.ratios else list(load_preset(args.dataset)["ratios"])
+    args.preset = args.preset or args.dataset
+    args.jobs = args.jobs or max(1, len(os.sched_getaffinity(0)) // args.threads)
+    ratios = args.ratios.split(",") if args.ratios else list(load_preset(args.preset)["ratios"])
     cells = [(r, m, int(s)) for s in args.seeds.split(",") for r in ratios
              for m in args.methods.split(",")]
-    root = args.runs / args.dataset
+    root = args.runs / args.preset
     pending = [c for c in cells
                if not (root / f"{c[0]}pct" / c[1] / f"seed{c[2]}" / "summary.json").is_file()]
     running: list[tuple[subprocess.Popen, tuple]] = []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     while (pending or running) and not args.report_only:
         while pending and len(running) < args.jobs:
             ratio, method, seed = cell = pending.pop(0)
@@ -112,7 +117,7 @@ def main() -> None:
                   "no LR decay (METHOD.md section 5).")
     if missing:
         table += "\n\nLeft out (no finished run): " + ", ".join(missing) + "."
-    write_results(args.name or f"accuracy-{args.dataset}",
+    write_results(args.name or f"accuracy-{args.preset}",
                   {"rows": rows, "dataset": args.dataset, "overrides": args.set,
                    "missing_cells": missing}, table)
     print(table)

@@ -18,6 +18,7 @@ from dfa_fast.errors import DfaError
 
 DATASETS = ("cmnist", "cifar10c", "bffhq")
 METHODS = ("vanilla", "lff", "disent")
+SCHEDULES = ("step", "cosine", "linear")
 PRESETS = Path(__file__).parent / "presets"
 
 
@@ -107,6 +108,11 @@ class OptimConfig:
     lr_decay_step: int = 10000
     lr_decay_start: int = 10000   # ... counted from this step (first decay at start + step)
     grad_clip: float = 0.0        # global gradient-norm clipping (0 = off)
+    # step (the delayed step decay above, when lr_decay) | cosine | linear (to lr_min_factor over
+    # the steps after the warm-up); see dfa_fast/schedule.py
+    schedule: str = "step"
+    warmup_steps: int = 0         # linear warm-up of the learning rate over these steps (any schedule)
+    lr_min_factor: float = 0.0    # cosine and linear end at lr x this
 
     def __post_init__(self):
         _positive("optim.lr", self.lr)
@@ -115,12 +121,14 @@ class OptimConfig:
         _positive("optim.lr_decay_step", self.lr_decay_step)
         _positive("optim.lr_decay_start", self.lr_decay_start, allow_zero=True)
         _positive("optim.grad_clip", self.grad_clip, allow_zero=True)
-
-    def lr_factor(self, step: int) -> float:
-        """Return the learning-rate multiplier used for the update of (0-based) ``step``."""
-        if not self.lr_decay:
-            return 1.0
-        return self.lr_gamma ** (max(0, step - self.lr_decay_start) // self.lr_decay_step)
+        _choice("optim.schedule", self.schedule, SCHEDULES)
+        _positive("optim.warmup_steps", self.warmup_steps, allow_zero=True)
+        if not 0 <= self.lr_min_factor <= 1:
+            raise DfaError(f"optim.lr_min_factor={self.lr_min_factor!r} is not valid; expected a "
+                           "number in [0, 1]")
+        if self.lr_decay and self.schedule != "step":
+            raise DfaError(f"optim.lr_decay=true is the step schedule's decay; with "
+                           f"optim.schedule={self.schedule} expected optim.lr_decay=false")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "bf16_mixed")
@@ -134,6 +142,10 @@ class TrainConfig:
     eval_every: int = 500         # evaluate valid and test every this many steps (and at the end)
     log_every: int = 100          # read device metrics and write a metrics line this often
     ckpt_every: int = 5000        # checkpoint this often (and at the end)
+    # The run length that method.swap_start, optim.warmup_steps and optim.lr_decay_* are written
+    # for; they are scaled by steps / schedule_length (0 = taken as written). dfa_fast/schedule.py
+    schedule_length: int = 0
+    preset: str = ""              # the preset the config was resolved from (for `report`)
     device: str = "auto"          # auto | cpu | cuda
     threads: int = 1              # torch CPU threads per process
     flush_denormal: bool = True   # flush subnormal floats to zero on the CPU (see trainer.py)
@@ -151,6 +163,7 @@ class TrainConfig:
         for name in ("steps", "eval_every", "log_every", "ckpt_every", "threads", "grad_accum",
                      "dist_timeout_s"):
             _positive(f"train.{name}", getattr(self, name))
+        _positive("train.schedule_length", self.schedule_length, allow_zero=True)
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.zero_stage", self.zero_stage, (0, 1, 2))
@@ -259,15 +272,29 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def available_presets() -> list[str]:
-    """Return the names of the bundled presets (one per data set)."""
+    """Return the names of the bundled presets (the published ones and the fast ones)."""
     return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
 
 def load_preset(name: str) -> dict:
-    """Return a bundled preset file as dicts (sections base, methods, ratios, overrides)."""
+    """Return a bundled preset file as dicts (sections base, methods, ratios, overrides).
+
+    A preset with ``extends: PARENT`` is its parent with the child's base, method and ratio
+    sections merged over the parent's, key by key."""
     if name not in available_presets():
         raise DfaError(f"unknown preset {name!r}; available: {', '.join(available_presets())}")
-    return yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+    spec = yaml.safe_load((PRESETS / f"{name}.yaml").read_text())
+    parent = spec.pop("extends", None)
+    if parent is None:
+        return spec
+    base = load_preset(parent)
+    merged = {"base": _merge(base.get("base", {}), spec.get("base", {}), name)}
+    for part in ("methods", "ratios"):
+        ours, theirs = spec.get(part, {}), base.get(part, {})
+        merged[part] = {k: _merge(theirs.get(k, {}), ours.get(k, {}), name)
+                        for k in {**theirs, **ours}}
+    merged["overrides"] = {**base.get("overrides", {}), **spec.get("overrides", {})}
+    return merged
 
 
 def ratio_key(ratio_pct: float) -> str:
@@ -300,7 +327,7 @@ def resolve(preset: str, ratio_pct: float, method: str,
     merged = _merge(merged, ratios[key], preset)
     merged = _merge(merged, spec.get("overrides", {}).get(method, {}).get(key, {}), preset)
     merged = _merge(merged, {"data": {"ratio_pct": float(ratio_pct)},
-                             "method": {"name": method}}, preset)
+                             "method": {"name": method}, "train": {"preset": preset}}, preset)
     merged = _merge(merged, overrides or {}, "--set")
     return from_dict(merged, where=f"preset {preset}")
 

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from dfa_fast import schedule as schedule_mod
 from dfa_fast.config import RunConfig
 from dfa_fast.errors import DfaError
 from dfa_fast.optim import Adam
@@ -163,7 +164,8 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
     # accepts only its listed optimizer types (torch.optim.Adam itself) and steps its partitions.
     kind = Adam if cfg.train.zero_stage == 0 else functools.partial(torch.optim.Adam, fused=True)
     optimizer = kind(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.optim.lr_factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 functools.partial(schedule_mod.lr_factor, cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=schedule, config=ds_config)
     if engine.dp_world_size == 1 and cfg.train.zero_stage == 0:
@@ -187,7 +189,7 @@ def apply_optim_config(engine, cfg: RunConfig) -> None:
     a forced resume with a new ``optim.lr`` must train with it); returns None."""
     schedule = engine.lr_scheduler
     groups = engine.optimizer.param_groups
-    lr = cfg.optim.lr * cfg.optim.lr_factor(schedule.last_epoch)
+    lr = cfg.optim.lr * schedule_mod.lr_factor(cfg, schedule.last_epoch)
     schedule.base_lrs = [cfg.optim.lr] * len(groups)
     for group in groups:
         group.update(lr=lr, initial_lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dfa_fast import ops
+from dfa_fast import ops, schedule
 from dfa_fast.config import RunConfig
 from dfa_fast.distributed import global_swap, rank_and_world
 from dfa_fast.data.loaders import Batch
@@ -129,6 +129,7 @@ class DisEnt(_EMAMethod):
         # Permutations for the feature swap, drawn on the device; the same on every rank.
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(cfg.train.seed + 1)
+        self.swap_start = schedule.swap_start(cfg)
 
     def build_model(self) -> nn.Module:
         return DisEntModel(self.cfg.model, self.num_classes)
@@ -137,7 +138,7 @@ class DisEnt(_EMAMethod):
         m, model, ema = self.cfg.method, self.model, self.ema
         z_i, z_b = self.run_net(model.features, batch.image)
         perm, source = None, {}
-        if step > m.swap_start:
+        if step > self.swap_start:
             if rank_and_world()[1] > 1:  # swap across the whole global batch
                 perm, swap_source = global_swap(z_b, batch.label, self.generator)
                 source = {"swap_source": swap_source}

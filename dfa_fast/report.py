@@ -21,18 +21,28 @@ METHOD_ORDER = {"vanilla": 0, "lff": 1, "disent": 2}
 NOT_VARIANT = {("train", "seed"), ("train", "progress"), ("train", "tensorboard"),
                ("train", "threads"), ("train", "device"), ("train", "log_every"),
                ("train", "ckpt_every"), ("train", "dist_timeout_s"), ("data", "path"),
-               ("data", "num_workers")}
+               ("data", "num_workers"), ("train", "preset")}
 
 
-def run_variant(run_dir: Path, summary: dict) -> str:
+def run_preset(summary: dict, saved: dict | None) -> str:
+    """Return the preset a run was resolved from (runs saved before presets were recorded: the
+    data set's published preset)."""
+    return (saved or {}).get("train", {}).get("preset") or summary["dataset"]
+
+
+def saved_config(run_dir: Path) -> dict | None:
+    """Return a run's saved config as dicts, or None when it has none."""
+    path = Path(run_dir) / CONFIG_FILE
+    return config.load(path).to_dict() if path.is_file() else None
+
+
+def run_variant(saved: dict | None, summary: dict) -> str:
     """Return how a run's saved config departs from its preset, as "section.key=value, ...":
     "" for the preset itself, and for a run without a saved config or without a preset."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
+    if saved is None:
         return ""
-    saved = config.load(path).to_dict()
     try:
-        preset = config.resolve(summary["dataset"], summary["ratio_pct"],
+        preset = config.resolve(run_preset(summary, saved), summary["ratio_pct"],
                                 summary["method"]).to_dict()
     except DfaError:
         return ""
@@ -52,7 +62,9 @@ def find_summaries(paths: list[Path]) -> list[dict]:
                            "(or a folder of them)")
         for f in files:
             summary = json.loads(f.read_text()) | {"run_dir": str(f.parent)}
-            found.append(summary | {"variant": run_variant(f.parent, summary)})
+            saved = saved_config(f.parent)
+            found.append(summary | {"variant": run_variant(saved, summary),
+                                    "preset": run_preset(summary, saved)})
     return found
 
 
@@ -81,13 +93,14 @@ def aggregate(summaries: list[dict]) -> list[dict]:
     numbers."""
     groups = defaultdict(list)
     for summary in summaries:
-        groups[summary["dataset"], float(summary["ratio_pct"]), summary["method"],
-               summary.get("variant", "")].append(summary)
+        groups[summary.get("preset") or summary["dataset"], float(summary["ratio_pct"]),
+               summary["method"], summary.get("variant", ""), summary["dataset"]].append(summary)
     rows = []
-    for (dataset, ratio, method, variant), runs in sorted(groups.items(), key=lambda item: (
+    for (preset, ratio, method, variant, dataset), runs in sorted(groups.items(), key=lambda item: (
             item[0][0], item[0][1], METHOD_ORDER.get(item[0][2], 9), item[0][3])):
         numbers = [headline(run) for run in runs]
-        row = {"dataset": dataset, "method": method, "variant": variant, "ratio_pct": ratio,
+        row = {"dataset": dataset, "preset": preset, "method": method, "variant": variant,
+               "ratio_pct": ratio,
                "n_seeds": len(runs),
                "seeds": sorted(run["seed"] for run in runs),
                "steps": sorted({run["steps"] for run in runs}),
@@ -119,7 +132,9 @@ def markdown_table(rows: list[dict]) -> str:
             return mean if r["n_seeds"] < 2 else f"{mean} ± {r[f'test_acc_{name}_std']:.2f}"
         pub = f"{r['published']:.2f}" if r["published"] is not None else "-"
         variant = f"{r.get('variant') or 'preset'} | " if variants else ""
-        lines.append(f"| {r['dataset']} | {r['ratio_pct']:g}% | {r['method']} | {variant}"
+        name = r["dataset"] if r.get("preset", r["dataset"]) == r["dataset"] else \
+            f"{r['dataset']} ({r['preset']} preset)"
+        lines.append(f"| {name} | {r['ratio_pct']:g}% | {r['method']} | {variant}"
                      f"{r['n_seeds']} | {cell('selected')} | {cell('paper_protocol')} | "
                      f"{cell('final')} | {r['selected_minus_paper']:+.2f} | "
                      f"{cell('ratio_valid')} | {pub} |")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dfa_fast import config as config_mod
+from dfa_fast import schedule
 from dfa_fast.config import RunConfig
 from dfa_fast.data.augment import CIFAR_MEAN, CIFAR_STD, ImageTransform
 from dfa_fast.data.beton import load_sidecar, read_int_field, write_json_atomic
@@ -291,6 +292,10 @@ class Trainer:
         if cfg is None:
             return saved
         changes = config_mod.differences(saved, cfg)
+        if cfg.train.steps != saved.train.steps and schedule.depends_on_length(cfg):
+            warnings.warn(f"train.steps {saved.train.steps} -> {cfg.train.steps} moves this run's "
+                          "schedule (optim.schedule or train.schedule_length depend on the run "
+                          "length): the resumed steps follow the new length")
         if changes and not force:
             raise DfaError(f"resuming {self.run_dir} with a different config ({'; '.join(changes)})"
                            "; pass --force to resume anyway")

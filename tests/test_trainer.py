@@ -215,8 +215,8 @@ def test_data_without_matching_sidecar_is_refused(cmnist_full, tmp_path):
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: config.resolve("imagenet", 1, "disent"), "unknown preset 'imagenet'; available: "
-                                                      "bffhq, cifar10c, cmnist"),
+    (lambda: config.resolve("imagenet", 1, "disent"),
+     "unknown preset 'imagenet'; available: bffhq, bffhq-fast, cifar10c, cifar10c-fast, cmnist"),
     (lambda: config.resolve("cmnist", 3, "disent"), "no ratio 3%; available: 0.5, 1, 2, 5"),
     (lambda: config.resolve("cmnist", 1, "jtt"), "no method 'jtt'; available: vanilla, lff, disent"),
     (lambda: config.resolve("cmnist", 1, "disent", {"optim": {"lrr": 1}}),
@@ -241,7 +241,7 @@ def test_config_errors(call, message):
     (["--preset", "cmnist", "--ratio", "3", "--method", "disent"],
      "preset cmnist has no ratio 3%; available: 0.5, 1, 2, 5"),
     (["--preset", "mnist", "--ratio", "1", "--method", "disent"],
-     "unknown preset 'mnist'; available: bffhq, cifar10c, cmnist"),
+     "unknown preset 'mnist'; available: bffhq, bffhq-fast, cifar10c, cifar10c-fast, cmnist"),
     (["--preset", "cmnist", "--ratio", "1", "--method", "jtt"], "unknown method 'jtt'"),
     (["--preset", "cmnist", "--ratio", "1", "--method", "disent", "--set", "optim.lrr=1"],
      "--set: unknown config key optim.lrr"),
