@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 from dfa_fast.config import load_preset  # noqa: E402
 from dfa_fast.errors import DfaError  # noqa: E402
@@ -58,7 +58,10 @@ def main() -> None:
                         help="override passed to every run (not a published setting: use its own "
                              "--runs and --name)")
     parser.add_argument("--name", help="results name (default: accuracy-<dataset>)")
-    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--report-only", action="store_true",
+                        help="start nothing: write the table from the runs finished so far")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder of the results files (default: benchmarks/results)")
     args = parser.parse_args()
     args.preset = args.preset or args.dataset
     args.jobs = args.jobs or max(1, len(os.sched_getaffinity(0)) // args.threads)
@@ -119,7 +122,7 @@ def main() -> None:
         table += "\n\nLeft out (no finished run): " + ", ".join(missing) + "."
     write_results(args.name or f"accuracy-{args.preset}",
                   {"rows": rows, "dataset": args.dataset, "overrides": args.set,
-                   "missing_cells": missing}, table)
+                   "missing_cells": missing}, table, args.results)
     print(table)
 
 

@@ -16,11 +16,13 @@ def command() -> str:
     return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
 
 
-def write_results(name: str, payload: dict, table: str) -> tuple[Path, Path]:
-    """Write results/<name>.json and results/<name>.md (the table plus machine and command)."""
-    RESULTS.mkdir(exist_ok=True)
+def write_results(name: str, payload: dict, table: str,
+                  folder: Path = RESULTS) -> tuple[Path, Path]:
+    """Write <folder>/<name>.json and .md (the table plus machine and command); the folder is
+    benchmarks/results unless given."""
+    folder.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "machine": machine(), "versions": versions(), "command": command()}
-    json_path, md_path = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+    json_path, md_path = folder / f"{name}.json", folder / f"{name}.md"
     json_path.write_text(json.dumps(payload, indent=1) + "\n")
     facts = payload["machine"]
     md_path.write_text(
