@@ -3,15 +3,19 @@ single-threaded processes (up to the usable cores), then aggregated against the 
 
     python benchmarks/accuracy.py --dataset cmnist --data data/cmnist --seeds 0,1,2
 
-Each run lives in RUNS/<dataset>/<ratio>pct/<method>/seed<S>; finished runs are reused and
-interrupted ones resumed, so the grid can be extended (more seeds) or continued at any time.
-Writes benchmarks/results/accuracy-<dataset>.{json,md}. A variant of the presets (`--set
+Each run lives in RUNS/<preset>/<ratio>pct/<method>/seed<S>; interrupted runs are resumed from
+their latest checkpoint. A finished run's summary, config and metrics (kilobytes, no checkpoints)
+are copied into the committed archive, benchmarks/results/accuracy-runs/<preset>/..., and a cell
+found there is finished: a grid longer than a session adds up over sessions, even when each one
+starts from a fresh checkout without RUNS. Writes benchmarks/results/accuracy-<preset>.{json,md}
+from the archive. A variant of the presets (`--set
 model.input_scale=1`) is a grid of its own: give it its own --runs and --name.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +27,28 @@ from common import RESULTS, write_results  # noqa: E402
 from dfa_fast.config import load_preset  # noqa: E402
 from dfa_fast.errors import DfaError  # noqa: E402
 from dfa_fast.report import aggregate, find_summaries, markdown_table  # noqa: E402
+from dfa_fast.trainer import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE  # noqa: E402
+
+ARCHIVED = (SUMMARY_FILE, CONFIG_FILE, METRICS_FILE)
+
+
+def cell_path(ratio: str, method: str, seed: int) -> Path:
+    """Return a cell's folder below a grid's runs or archive root."""
+    return Path(f"{ratio}pct") / method / f"seed{seed}"
+
+
+def archive_run(run_dir: Path, archived: Path) -> None:
+    """Copy a finished run's summary, config and metrics into ``archived`` (once). The files go
+    to a temporary folder renamed at the end: an interrupted copy leaves no half-archived cell."""
+    if (archived / SUMMARY_FILE).is_file() or not (run_dir / SUMMARY_FILE).is_file():
+        return
+    partial = archived.with_name(archived.name + ".partial")
+    for stale in (partial, archived):
+        shutil.rmtree(stale, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in ARCHIVED:
+        shutil.copy2(run_dir / name, partial / name)
+    partial.rename(archived)
 
 
 def run_command(args, ratio: str, method: str, seed: int, run_dir: Path) -> list[str]:
@@ -62,6 +88,9 @@ def main() -> None:
                         help="start nothing: write the table from the runs finished so far")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="folder of the results files (default: benchmarks/results)")
+    parser.add_argument("--archive", type=Path,
+                        help="folder of the finished runs' records (default: "
+                             "RESULTS/accuracy-runs; commit it)")
     args = parser.parse_args()
     args.preset = args.preset or args.dataset
     args.jobs = args.jobs or max(1, len(os.sched_getaffinity(0)) // args.threads)
@@ -69,14 +98,20 @@ def main() -> None:
     cells = [(r, m, int(s)) for s in args.seeds.split(",") for r in ratios
              for m in args.methods.split(",")]
     root = args.runs / args.preset
-    pending = [c for c in cells
-               if not (root / f"{c[0]}pct" / c[1] / f"seed{c[2]}" / "summary.json").is_file()]
+    archive = (args.archive or args.results / "accuracy-runs") / args.preset
+
+    def archive_finished() -> None:
+        for cell in cells:
+            archive_run(root / cell_path(*cell), archive / cell_path(*cell))
+
+    archive_finished()
+    pending = [c for c in cells if not (archive / cell_path(*c) / SUMMARY_FILE).is_file()]
     running: list[tuple[subprocess.Popen, tuple]] = []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     while (pending or running) and not args.report_only:
         while pending and len(running) < args.jobs:
             ratio, method, seed = cell = pending.pop(0)
-            run_dir = root / f"{ratio}pct" / method / f"seed{seed}"
+            run_dir = root / cell_path(*cell)
             run_dir.parent.mkdir(parents=True, exist_ok=True)
             log = open(run_dir.parent / f"seed{seed}.log", "a")
             print(f"start {cell}", flush=True)
@@ -87,16 +122,18 @@ def main() -> None:
             if process.poll() is not None:
                 running.remove((process, cell))
                 print(f"done {cell} exit {process.returncode}", flush=True)
+                archive_finished()
     wanted = {(float(r), m, s) for r, m, s in cells}
+    archive_finished()
     try:
-        summaries = [s for s in find_summaries([root])
+        summaries = [s for s in find_summaries([archive])
                      if (float(s["ratio_pct"]), s["method"], s["seed"]) in wanted]
     except DfaError as err:
         raise SystemExit(f"{err}; nothing written") from None
     found = {(float(s["ratio_pct"]), s["method"], s["seed"]) for s in summaries}
     missing = [f"{r:g}% {m} seed {s}" for r, m, s in sorted(wanted - found)]
     if not summaries:  # keep the results already written rather than replace them by nothing
-        raise SystemExit(f"{root}: no finished run of the requested cells; nothing written")
+        raise SystemExit(f"{archive}: no finished run of the requested cells; nothing written")
     if missing:
         print(f"warning: {len(missing)} cell(s) have no finished run and are left out: "
               f"{', '.join(missing)}", file=sys.stderr)
@@ -110,7 +147,8 @@ def main() -> None:
               "last step, ratio-valid selected = the checkpoint a valid split at the training "
               "ratio would pick by plain accuracy (the published protocol's valid split; computed "
               "as (1 - r) x aligned + r x conflicting valid accuracy): the trap of selecting on "
-              "it. One thread per run, runs in parallel up to the cores.")
+              "it. Arithmetic (train.precision as the runs resolved it): "
+              f"{', '.join(sorted({p for row in rows for p in row['precisions']}))}.")
     changes = [f"`--set {o}`" for o in args.set] + ([f"`--steps {args.steps}`"] if args.steps
                                                      else [])
     if changes:

@@ -131,7 +131,7 @@ class OptimConfig:
                            f"optim.schedule={self.schedule} expected optim.lr_decay=false")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "bf16_mixed")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16_mixed", "auto")
 
 
 @dataclass
@@ -150,7 +150,8 @@ class TrainConfig:
     threads: int = 1              # torch CPU threads per process
     flush_denormal: bool = True   # flush subnormal floats to zero on the CPU (see trainer.py)
     # fp32 | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | fp16 (GPU) | bf16_mixed (fp32
-    # weights and Adam; the networks' layers in bf16 through torch.autocast, losses in fp32)
+    # weights and Adam; the networks' layers in bf16 through torch.autocast, losses in fp32) |
+    # auto (bf16_mixed where the device multiplies bf16 natively, else fp32; the run saves which)
     precision: str = "fp32"
     zero_stage: int = 0           # DeepSpeed ZeRO stage 0, 1 or 2
     grad_accum: int = 1           # micro-batches per optimizer step and rank

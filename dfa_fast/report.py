@@ -48,7 +48,14 @@ def run_variant(saved: dict | None, summary: dict) -> str:
         return ""
     return ", ".join(f"{section}.{key}={value}" for section, values in saved.items()
                      for key, value in values.items()
-                     if value != preset[section][key] and (section, key) not in NOT_VARIANT)
+                     if value != preset[section][key] and (section, key) not in NOT_VARIANT
+                     and not chosen_by_auto(section, key, preset))
+
+
+def chosen_by_auto(section: str, key: str, preset: dict) -> bool:
+    """Whether a saved value is what the preset's ``auto`` resolved to on the run's machine (the
+    precision of ``train.precision: auto``): the preset itself, not a variant of it."""
+    return preset[section][key] == "auto"
 
 
 def find_summaries(paths: list[Path]) -> list[dict]:
@@ -64,7 +71,8 @@ def find_summaries(paths: list[Path]) -> list[dict]:
             summary = json.loads(f.read_text()) | {"run_dir": str(f.parent)}
             saved = saved_config(f.parent)
             found.append(summary | {"variant": run_variant(saved, summary),
-                                    "preset": run_preset(summary, saved)})
+                                    "preset": run_preset(summary, saved),
+                                    "precision": (saved or {}).get("train", {}).get("precision")})
     return found
 
 
@@ -104,6 +112,7 @@ def aggregate(summaries: list[dict]) -> list[dict]:
                "n_seeds": len(runs),
                "seeds": sorted(run["seed"] for run in runs),
                "steps": sorted({run["steps"] for run in runs}),
+               "precisions": sorted({run.get("precision") or "fp32" for run in runs}),
                "report_metric": runs[0]["report_metric"]}
         for run, n in zip(runs, numbers):
             n["ratio_valid"] = ratio_valid_selection(run["run_dir"], ratio, run["report_metric"])

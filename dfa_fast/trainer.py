@@ -35,7 +35,7 @@ from dfa_fast.data.splits import ratio_tag
 from dfa_fast.distributed import all_gather_batch, average_over_ranks, rank_and_world
 from dfa_fast.engine import (apply_optim_config, initialize, load_ds_config, prepare_environment,
                              resolve_device, world_size)
-from dfa_fast.environment import machine, native_bf16, versions
+from dfa_fast.environment import machine, native_bf16, resolve_precision, versions
 from dfa_fast.errors import DfaError
 from dfa_fast.evaluate import evaluate
 from dfa_fast.methods import build_method, input_dtype
@@ -236,10 +236,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         prepare_environment(self.device)
+        t.precision = resolve_precision(t.precision, self.device)  # saved resolved: see config
         if (self.device.type == "cpu" and t.precision in ("bf16", "bf16_mixed")
                 and not native_bf16()):
             warnings.warn(f"train.precision={t.precision} on a CPU without native bf16 "
-                          "(AVX512-BF16 or AMX): its bf16 products are emulated, slower than fp32")
+                          "(AVX-512 or Arm BF16): its bf16 products are emulated, up to 10x "
+                          "slower than fp32; train.precision=auto picks fp32 there")
         self.metas = check_data(cfg)
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
             seed_fn(t.seed)

@@ -1,8 +1,10 @@
 """benchmarks/accuracy.py continues a grid across sessions: an interrupted run resumes from its
-latest checkpoint (not over from step 0), a cell never started is started, and the table is written
-from whatever has finished, naming the cells left out."""
+latest checkpoint (not over from step 0), a cell never started is started, a finished cell is
+archived and counts as finished in a fresh checkout without the runs, and the table is written from
+whatever has finished, naming the cells left out."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +61,14 @@ def test_accuracy_grid_resumes_interrupted_runs_and_reports_what_finished(cmnist
     written = json.loads((tmp_path / "results" / "grid.json").read_text())
     assert written["missing_cells"] == ["1% vanilla seed 2"]
     assert not (run_dir.parent / "seed2").exists()
+
+    # A fresh checkout: the runs are gone, the committed archive is not; nothing runs again.
+    archived = tmp_path / "results" / "accuracy-runs" / "cmnist" / "1pct" / "vanilla"
+    assert sorted(p.name for p in archived.iterdir()) == ["seed0", "seed1"]
+    assert sorted(p.name for p in (archived / "seed0").iterdir()) == [
+        "config.yaml", "metrics.jsonl", "summary.json"]
+    shutil.rmtree(tmp_path / "runs")
+    again = grid(cmnist_full, tmp_path, "0,1")
+    assert again.returncode == 0, again.stderr
+    assert "start" not in again.stdout and not (tmp_path / "runs").exists()
+    assert json.loads((tmp_path / "results" / "grid.json").read_text())["rows"] == rows

@@ -2,12 +2,14 @@
 gradients, Adam, heads, losses and EMA buffers stay float32; compared with the fp32 step from the
 same weights, and run end to end on real Colored MNIST."""
 import json
+import platform
 
 import pytest
 import torch
 
 from dfa_fast import config
 from dfa_fast.data.loaders import Batch
+from dfa_fast.environment import cpuinfo_bf16, native_bf16, resolve_precision
 from dfa_fast.methods import build_method
 from dfa_fast.trainer import load_run, train
 
@@ -76,3 +78,20 @@ def test_bf16_mixed_run_learns_on_colored_mnist(cmnist_full, tmp_path):
     assert all(l["loss"] == l["loss"] for l in train_lines)  # finite, no NaN
     trainer = load_run(tmp_path / "run", "latest")
     assert all(p.dtype == torch.float32 for p in trainer.method.model.parameters())
+
+
+def test_auto_precision_is_bf16_mixed_only_where_bf16_is_native(cmnist_full, tmp_path):
+    # Emulated bf16 products are up to 10x slower than fp32 (an AVX2-only CPU): auto avoids them.
+    cpu = torch.device("cpu")
+    if platform.machine() in ("x86_64", "aarch64"):  # the public fallback agrees with torch
+        assert cpuinfo_bf16() == native_bf16()
+    assert resolve_precision("auto", cpu) == ("bf16_mixed" if native_bf16() else "fp32")
+    assert resolve_precision("fp16", cpu) == "fp16"  # a concrete choice is kept
+    cfg = config.resolve("cmnist", 1, "vanilla", {
+        "data": {"path": str(cmnist_full / "1pct")},
+        "train": {"steps": 2, "eval_every": 2, "log_every": 1, "ckpt_every": 2,
+                  "precision": "auto", "progress": False}})
+    train(cfg, tmp_path / "run")
+    # The run saves what auto chose, so that a resume elsewhere keeps its arithmetic.
+    saved = config.load(tmp_path / "run" / "config.yaml")
+    assert saved.train.precision == resolve_precision("auto", cpu)

@@ -109,3 +109,21 @@ def test_runs_of_other_settings_are_separate_rows_named_by_their_variant(tmp_pat
     assert "| train.precision=bf16_mixed | 1 |" in table[4]
     # the preset alone keeps the table without the column
     assert "variant" not in markdown_table(rows[:1])
+
+
+def test_what_a_presets_auto_precision_chose_is_the_preset_not_a_variant(tmp_path):
+    """cifar10c-fast says train.precision: auto; its runs save fp32 or bf16_mixed by machine and
+    stay one cell, with the precisions they ran in listed."""
+    from dfa_fast import config
+    root = tmp_path / "runs"
+    for seed, precision in ((0, "fp32"), (1, "bf16_mixed")):
+        run_dir = root / f"run{seed}"
+        write_run(run_dir, method="disent", ratio=1.0, seed=seed, selected=30.0, paper=31.0,
+                  final=29.0, evals=[(500, 90.0, 30.0, 30.0)])
+        cfg = config.resolve("cifar10c-fast", 1, "disent", {"train": {"precision": precision}})
+        config.save(cfg, run_dir / "config.yaml")
+    for summary in root.rglob("summary.json"):  # write_run's summaries are Colored MNIST's
+        summary.write_text(summary.read_text().replace('"cmnist"', '"cifar10c"'))
+    rows = aggregate(find_summaries([root]))
+    assert [(r["variant"], r["n_seeds"], r["precisions"]) for r in rows] == [
+        ("", 2, ["bf16_mixed", "fp32"])]
