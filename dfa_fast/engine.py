@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import importlib
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from dfa_fast import compat
 from dfa_fast import schedule as schedule_mod
 from dfa_fast.config import RunConfig
 from dfa_fast.errors import DfaError
@@ -58,7 +58,7 @@ def prepare_environment(device: torch.device) -> None:
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         keep_freed_memory()
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    compat.skip_shm_op_build()
 
 
 # glibc's mallopt parameters (malloc.h) and the values set by `keep_freed_memory`.
@@ -171,15 +171,7 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
     if engine.dp_world_size == 1 and cfg.train.zero_stage == 0:
         # Nothing to average over one rank: skip the flatten/all-reduce/unflatten of every step.
         engine.enable_backward_allreduce = False
-    if type(engine).zero_grad is deepspeed.DeepSpeedEngine.zero_grad:
-        # DeepSpeedEngine.zero_grad sets every parameter's gradient to None by walking the
-        # module tree each step (60 us on the Colored MNIST MLP); the same over a kept list.
-        parameters = list(engine.module.parameters())
-
-        def zero_grad():
-            for parameter in parameters:
-                parameter.grad = None
-        engine.zero_grad = zero_grad
+    compat.short_zero_grad(engine)
     return engine
 
 

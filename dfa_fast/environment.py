@@ -28,8 +28,8 @@ def native_bf16() -> bool:
     """Return whether oneDNN runs bf16 products on this CPU in bf16 kernels (AVX-512 core, with
     AVX512-BF16 or AMX the fast ones; Arm BF16); elsewhere torch emulates them, up to 10x slower
     than fp32 (measured on an AVX2-only EPYC)."""
-    import torch
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)  # private: guarded
+    from dfa_fast.compat import mkldnn_bf16_probe
+    probe = mkldnn_bf16_probe()
     return bool(probe()) if probe is not None else cpuinfo_bf16()
 
 

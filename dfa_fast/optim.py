@@ -14,12 +14,13 @@ optimizer loads the other's checkpoints. Whatever the short path does not cover 
 `torch.optim.Adam.step` unchanged: the first step (lazy state), a closure, registered step hooks,
 an active profiler (so hooks run and the profiler sees its range), AMSGrad, maximize, capturable
 or decoupled weight decay, tensor learning rates, sparse gradients and parameters of several
-devices or dtypes.
+devices or dtypes, and a torch without the private names it calls (`dfa_fast.compat`).
 """
 from __future__ import annotations
 
 import torch
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+
+from dfa_fast import compat
 
 # Group options under which `Adam.step` takes the short path (their values must be these).
 _PLAIN = {"amsgrad": False, "maximize": False, "capturable": False, "differentiable": False,
@@ -31,11 +32,14 @@ class Adam(torch.optim.Adam):
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.0, **kwargs):
         super().__init__(params, lr=lr, weight_decay=weight_decay, fused=True, **kwargs)
+        self._kernels = compat.adam_kernels()  # None: every step is torch.optim.Adam.step
 
     def step(self, closure=None):
         """Update the parameters (one fused kernel call per parameter group); return the
         closure's loss (``torch.optim.Adam.step`` when the short path does not apply)."""
-        lists = None if closure is not None or self._hooked() else self._lists()
+        kernels = self._kernels
+        lists = None if kernels is None or closure is not None or self._hooked() \
+            else self._lists()
         if lists is None:
             return super().step(closure)
         with torch.no_grad():
@@ -43,8 +47,8 @@ class Adam(torch.optim.Adam):
                 if not params:
                     continue
                 beta1, beta2 = group["betas"]
-                torch._foreach_add_(steps, 1)
-                torch._fused_adam_(params, grads, avgs, squares, [], steps, lr=group["lr"],
+                kernels["foreach_add"](steps, 1)
+                kernels["fused_adam"](params, grads, avgs, squares, [], steps, lr=group["lr"],
                                    beta1=float(beta1), beta2=float(beta2),
                                    weight_decay=group["weight_decay"], eps=group["eps"],
                                    amsgrad=False, maximize=False)
@@ -52,9 +56,9 @@ class Adam(torch.optim.Adam):
 
     def _hooked(self) -> bool:
         """Whether something watches ``step``: step hooks or an active profiler."""
+        kernels = self._kernels
         return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks
-                    or _global_optimizer_pre_hooks or _global_optimizer_post_hooks
-                    or torch.autograd._profiler_enabled())
+                    or kernels["pre"] or kernels["post"] or kernels["profiler_enabled"]())
 
     def _lists(self):
         """Return, per group, the kernel's tensor lists; None where the short path does not

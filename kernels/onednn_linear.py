@@ -25,13 +25,21 @@ from dfa_fast import ops
 
 
 def _operator():
-    """Return PyTorch's fused oneDNN linear operator, or None where this build lacks it."""
+    """Return PyTorch's fused oneDNN linear operator, or None where this build lacks it or its
+    positional signature (X, W, B, attr, scalars, algorithm) does not give ``relu(X W^T + B)`` on
+    a probe product (a private operator: another torch may change it)."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
+        op = torch.ops.mkldnn._linear_pointwise.default
+        x, w, b = (torch.linspace(-1, 1, n).reshape(shape) for n, shape in
+                   ((6, (2, 3)), (12, (4, 3)), (4, (4,))))
+        with torch.no_grad():
+            ok = torch.allclose(op(x, w, b, "relu", [None], ""),
+                                torch.relu(torch.nn.functional.linear(x, w, b)), atol=1e-6)
+    except (AttributeError, RuntimeError, TypeError):
         return None
+    return op if ok else None
 
 
 _LINEAR = _operator()

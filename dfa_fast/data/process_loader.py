@@ -44,6 +44,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from dfa_fast import compat
 from dfa_fast.data.loaders import Batch, DeviceLoader
 from dfa_fast.errors import DfaError
 
@@ -77,14 +78,20 @@ class _Slots:
             self.headers.append(np.frombuffer(self.memory, np.int64, _HEADER,
                                               base + image_bytes + _aligned(3 * int_bytes)))
         self.message = self._view(count * self.slot_bytes, torch.uint8, (_MESSAGE_BYTES,))
+        # Without torch's storage use count the parent hands out copies, never the slot itself.
+        self.use_count = compat.storage_use_count()
         self.unused = [self._uses(k) for k in range(count)]
 
     def _uses(self, k: int) -> int:
-        return torch._C._storage_Use_Count(self.images[k].untyped_storage()._cdata)
+        return self.use_count(self.images[k]) if self.use_count is not None else 0
 
     def in_use(self, k: int) -> bool:
         """Whether a tensor outside these slots still shares slot k's image memory."""
         return self._uses(k) > self.unused[k]
+
+    def image(self, k: int) -> torch.Tensor:
+        """Slot k's image to hand out: the slot itself, or a copy where uses cannot be counted."""
+        return self.images[k] if self.use_count is not None else self.images[k].clone()
 
     def _view(self, offset: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
         count = torch.Size(shape).numel()
@@ -245,7 +252,7 @@ class ProcessLoader:
         label, bias, index = ints
         self.inner.epoch, self.inner.position = epoch, position  # (the batch's epoch: its keys)
         self.taken += 1
-        return Batch(self.inner._image(slots.images[k], index), label, bias, index)
+        return Batch(self.inner._image(slots.image(k), index), label, bias, index)
 
     def stream(self) -> Iterator[Batch]:
         """Yield batches forever from the current place, made in the child process (forked at
