@@ -155,7 +155,7 @@ def main() -> None:
         table += "\n\nNot the published presets: every run had " + ", ".join(changes) + "."
     else:
         table += ("\n\nLfF uses the benchmark's lr, batch and steps with EMA alpha 0.7 and q 0.7, "
-                  "no LR decay (METHOD.md section 5).")
+                  "no LR decay (docs/method.md).")
     if missing:
         table += "\n\nLeft out (no finished run): " + ", ".join(missing) + "."
     write_results(args.name or f"accuracy-{args.preset}",

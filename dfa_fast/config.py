@@ -32,6 +32,9 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise DfaError(f"{name}={value!r} is not valid; expected a {'non-negative' if allow_zero else 'positive'} number")
 
 
+TRAIN_ORDERS = ("random", "quasi_random")  # FFCV's orders for training (data.order)
+
+
 @dataclass
 class DataConfig:
     """Which prepared split to read and how batches are made."""
@@ -46,14 +49,14 @@ class DataConfig:
     crop_padding: int = 0         # random crop with this zero padding (0 = no crop)
     flip: bool = False            # random horizontal flip
     resize: int = 0               # resize to resize x resize first (0 = keep)
-    normalize: str = "none"       # none (pixels in [0, 1]) | cifar (mean/std of METHOD.md)
+    normalize: str = "none"       # none (pixels in [0, 1]) | cifar (mean/std: docs/method.md)
     channels_last: bool = False   # NHWC memory format for convolutions
     valid_split: str = "valid"    # split used for model selection
     test_split: str = "test"      # split reported as test
 
     def __post_init__(self):
         _choice("data.dataset", self.dataset, DATASETS)
-        _choice("data.order", self.order, ("random", "quasi_random"))
+        _choice("data.order", self.order, TRAIN_ORDERS)
         _choice("data.normalize", self.normalize, ("none", "cifar"))
         for name in ("batch_size", "eval_batch_size"):
             _positive(f"data.{name}", getattr(self, name))
@@ -64,7 +67,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The encoders (METHOD.md section 2)."""
+    """The encoders (docs/method.md, "Models")."""
     arch: str = "mlp"             # mlp (Colored MNIST) | resnet18
     input_scale: float = 1.0      # multiplies the [0, 1] pixels; 1/255 reproduces the reference MLP
     stem: str = "imagenet"        # resnet18 stem: imagenet (7x7 + max-pool, published) | cifar (3x3)
@@ -77,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """The training method and its loss hyperparameters (METHOD.md sections 3-4)."""
+    """The training method and its loss hyperparameters (docs/method.md, "Losses")."""
     name: str = "disent"          # vanilla | lff | disent
     q: float = 0.7                # GCE exponent
     ema_alpha: float = 0.7        # per-sample loss EMA decay

@@ -1,7 +1,7 @@
 """Data parallelism that keeps N ranks x batch b exactly equal to one process x batch N*b.
 
 Three things of DisEnt/LfF are not per-sample and would silently differ under plain data
-parallelism; each is made global here (DESIGN.md rule 4):
+parallelism; each is made global here (docs/design.md rule 4):
 
 * the per-sample loss EMA: every rank all-gathers (index, ce_i, ce_b) of the whole batch and applies
   the identical update (`all_gather_batch`), so buffers and class maxima agree everywhere;

@@ -1,4 +1,4 @@
-"""The per-sample loss state of LfF and DisEnt, kept on the device (DESIGN.md rule 4).
+"""The per-sample loss state of LfF and DisEnt, kept on the device (docs/design.md rule 4).
 
 Two float buffers (the intrinsic/debiased and the bias branch's loss EMA), one "seen" flag and the
 label of every training sample. The update and the weights are computed by `dfa_fast.ops`. Under data

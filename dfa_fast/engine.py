@@ -1,7 +1,7 @@
 """The DeepSpeed engine: process-group set-up (also without a launcher), ds_config, Adam, LR schedule.
 
 `deepspeed.initialize` wraps the method's one module with one plain Adam (weight decay as L2, not
-AdamW) and the delayed step decay of METHOD.md section 4 item 7 as a LambdaLR, from a ds_config
+AdamW) and the delayed step decay of docs/method.md as a LambdaLR, from a ds_config
 built from the run config (micro batch per rank, gradient accumulation, bf16/fp16, ZeRO stage,
 gradient clipping) or read from a file and checked against the run config.
 """
@@ -49,7 +49,7 @@ def prepare_environment(device: torch.device) -> None:
     Without a launcher: RANK, LOCAL_RANK, WORLD_SIZE and a free MASTER_PORT for a single process.
     On CPUs: DeepSpeed's CPU accelerator (gloo) and `keep_freed_memory`. Always: skip DeepSpeed's
     shared-memory op build, which JIT-compiles for minutes and serves only inference all-reduce
-    (ENVIRONMENT.md).
+    (docs/environment.md).
     """
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")

@@ -1,4 +1,4 @@
-"""Evaluation: (label, bias) count matrices on the device, and the metrics of METHOD.md section 7.
+"""Evaluation: (label, bias) count matrices on the device, and the metrics of docs/method.md.
 
 All metrics derive from two matrices, correct[y, b] and total[y, b], accumulated on the device and
 summed over ranks, so sharded evaluation gives exactly the single-process numbers. Percentages:

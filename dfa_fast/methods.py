@@ -1,7 +1,7 @@
 """Vanilla, LfF and DisEnt: each builds its modules and computes ``loss, stats = step(batch, step)``
-and ``logits = predict(x)`` (DESIGN.md rule 1). Losses go through `dfa_fast.ops` (Triton kernels on
-CUDA, the PyTorch reference elsewhere). Nothing here synchronises with the host: statistics stay on
-the device, permutations are drawn on the device.
+and ``logits = predict(x)`` (docs/design.md rule 1). Losses go through `dfa_fast.ops` (Triton
+kernels on CUDA, the fused head on CPUs, the PyTorch reference when forced). Nothing here
+synchronises with the host: statistics stay on the device, permutations are drawn on the device.
 """
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ class LfF(_EMAMethod):
 
 
 class DisEnt(_EMAMethod):
-    """Disentangled feature augmentation (METHOD.md section 4)."""
+    """Disentangled feature augmentation (docs/method.md, "One step of each method")."""
 
     name = "disent"
 

@@ -2,7 +2,7 @@
 
 Every container is one `nn.Module` holding all trainable parts of a method, which is what DeepSpeed
 wraps: Vanilla one encoder + Linear(D, C); LfF two independent such networks; DisEnt two encoders
-and two Linear(2D, C) classifiers over the concatenated features (METHOD.md section 2).
+and two Linear(2D, C) classifiers over the concatenated features (docs/method.md, "Models").
 """
 from __future__ import annotations
 

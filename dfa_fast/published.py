@@ -1,4 +1,4 @@
-"""Published unbiased test accuracies (%) of the DisEnt paper (METHOD.md section 8).
+"""Published unbiased test accuracies (%) of the DisEnt paper (docs/method.md, "Published results").
 
 BFFHQ reports accuracy on the bias-conflicting test images.
 """

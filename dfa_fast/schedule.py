@@ -8,8 +8,8 @@ run them at any length: at 3,000 steps the swap that starts after step 10,000 of
 after step 600.
 
 Learning-rate schedules (``optim.schedule``), each after an optional linear warm-up:
-- ``step``: the published delayed step decay (METHOD.md section 4 item 7) when ``optim.lr_decay``,
-  else constant;
+- ``step``: the published delayed step decay (docs/method.md, "Optimiser and learning rate")
+  when ``optim.lr_decay``, else constant;
 - ``cosine``: half a cosine from 1 to ``optim.lr_min_factor`` over the steps after the warm-up;
 - ``linear``: a straight line from 1 to ``optim.lr_min_factor`` over the same steps.
 """

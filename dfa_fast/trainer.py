@@ -371,6 +371,7 @@ class Trainer:
         scale = t.grad_accum > 1
         try:
             for step in range(self.start_step, t.steps):
+                finite = None  # every micro-batch's loss finite (one device tensor, no sync)
                 for _ in range(t.grad_accum):
                     before = time.perf_counter()
                     batch = next(stream)
@@ -382,8 +383,9 @@ class Trainer:
                     for key, value in stats.items():
                         sums[key] = sums.get(key, 0) + value.float()
                     self.stat_count += 1
-                first_bad = torch.where(torch.isfinite(loss.detach()) | (first_bad >= 0),
-                                        first_bad, step)
+                    ok = torch.isfinite(stats["loss"])
+                    finite = ok if finite is None else finite & ok
+                first_bad = torch.where(finite | (first_bad >= 0), first_bad, step)
                 window["steps"] += 1
                 bar.update(1)
                 done = step + 1

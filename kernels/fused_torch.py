@@ -45,7 +45,7 @@ def _gce_parts(log_p_y: torch.Tensor, q: float, form: str) -> tuple[torch.Tensor
 
 
 class DisentHeadFunction(torch.autograd.Function):
-    """The DisEnt loss of METHOD.md section 4 with its statistics; updates the EMAs in place."""
+    """The DisEnt loss of docs/method.md with its statistics; updates the EMAs in place."""
 
     @staticmethod
     def forward(ctx, z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b,

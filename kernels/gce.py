@@ -7,7 +7,7 @@ d(loss_r)/d(logits_r) in float32; the backward is one launch that multiplies tho
 incoming gradient and casts them to the logits' dtype (the Liger-Kernel layout: the gradient is
 computed while the softmax is in registers, not recomputed).
 
-Semantics (METHOD.md section 3, ``kernels/reference.py``), with p = softmax(l), ce = -log p_y:
+Semantics (docs/method.md, "Losses"; ``kernels/reference.py``), with p = softmax(l), ce = -log p_y:
 * cross-entropy:   loss = ce,                          grad = p - onehot(y)
 * GCE, reference:  loss = ce * q * sg(p_y)**q,        grad = q * p_y**q * (p - onehot(y))
 * GCE, textbook:   loss = (1 - p_y**q) / q,           grad = p_y**q * (p - onehot(y))

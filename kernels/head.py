@@ -1,6 +1,7 @@
 """The fused DisEnt head: classifiers, losses, EMA weighting and swap in three launches forward.
 
-METHOD.md section 4 with both classifiers linear over 2D features, W1 = W[:, :D], W2 = W[:, D:]:
+docs/method.md's DisEnt step with both classifiers linear over 2D features, W1 = W[:, :D],
+W2 = W[:, D:]:
 
     l_i  = z_i Wi1^T + sg(z_b) Wi2^T + b_i          l_b  = sg(z_i) Wb1^T + z_b Wb2^T + b_b
     l_i' = z_i Wi1^T + (sg(z_b) Wi2^T)[pi] + b_i    l_b' = sg(z_i) Wb1^T + (z_b Wb2^T)[pi] + b_b
@@ -322,7 +323,7 @@ def _logits_block_rows(B: int) -> int:
 
 
 class DisentHeadFunction(torch.autograd.Function):
-    """The DisEnt loss of METHOD.md section 4 with its statistics; updates the EMAs in place."""
+    """The DisEnt loss of docs/method.md with its statistics; updates the EMAs in place."""
 
     @staticmethod
     def forward(ctx, z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b,
@@ -417,7 +418,7 @@ def disent_head(z_i: torch.Tensor, z_b: torch.Tensor,
                 lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
                 q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
                 gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Return the DisEnt loss (scalar) and detached statistics for one step (METHOD.md section 4).
+    """Return the DisEnt loss (scalar) and detached statistics for one step (docs/method.md).
 
     Same contract as ``reference.disent_head``: ``perm`` is the device permutation of the batch (a
     permutation of range(B)) or None before swapping starts; the EMA buffers are updated in place.

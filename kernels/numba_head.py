@@ -230,7 +230,7 @@ def _backward(grad_t, scale, z_i, z_b, perm, swap, weight_i, weight_b, d_z_i, d_
                 d_weight[c, d] = acc
     # Feature gradients, transposed (D, B): the intrinsic classifier's loss reaches z_i only
     # (its rows i and i'), the bias classifier's z_b only (rows b, and b' through pi): the
-    # stop-gradients of METHOD.md section 4.
+    # stop-gradients of docs/method.md.
     gi = np.zeros((dim, rows), np.float32)
     gb = np.zeros((dim, rows), np.float32)
     for c in range(classes):
@@ -270,7 +270,7 @@ def usable(z_i, z_b, weight_i, bias_i, weight_b, bias_b, ema_i, ema_b, seen, lab
 
 
 class NumbaHeadFunction(torch.autograd.Function):
-    """The DisEnt loss of METHOD.md section 4 with its statistics; updates the EMAs in place."""
+    """The DisEnt loss of docs/method.md with its statistics; updates the EMAs in place."""
 
     @staticmethod
     def forward(ctx, z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b,

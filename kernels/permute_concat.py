@@ -1,6 +1,6 @@
 """Feature permutation-concat: the classifier inputs of a DisEnt step, with the stop-gradients.
 
-METHOD.md section 4: the intrinsic classifier sees ``[z_i, sg(z_b[pi])]`` and the bias classifier
+docs/method.md: the intrinsic classifier sees ``[z_i, sg(z_b[pi])]`` and the bias classifier
 ``[sg(z_i), z_b[pi]]`` (``pi`` = identity before swapping starts). Both inputs hold the same values;
 they differ in where gradients may flow:
 

@@ -2,7 +2,7 @@
 
 These functions define the semantics that the Triton kernels next to this file must reproduce, and
 they are the implementation `dfa_fast.ops` uses on every device without Triton (the CPU). They follow
-METHOD.md sections 3-4 and the reference implementation's behaviour:
+docs/method.md ("Losses") and the reference implementation's behaviour:
 
 * GCE (reference form): ``loss = CE(l, y) * q * sg(p_y) ** q``, gradient ``q * p_y**q * (p - onehot)``.
   The textbook form ``(1 - p_y**q) / q`` has gradient ``p_y**q * (p - onehot)`` (no extra factor q).
@@ -143,7 +143,7 @@ def disent_head(z_i: torch.Tensor, z_b: torch.Tensor,
                 gather: Gather = None,
                 swap_source: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Return the DisEnt loss (scalar) and detached statistics for one step (METHOD.md section 4).
+    """Return the DisEnt loss (scalar) and detached statistics for one step (docs/method.md).
 
     ``weight_*``/``bias_*`` are the two linear classifiers over 2D features (intrinsic, bias);
     ``perm`` is the device permutation of the batch, or None before swapping starts. Updates the EMA

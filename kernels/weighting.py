@@ -1,7 +1,7 @@
 """Per-sample weighting: loss EMA update, class-wise maximum, relative difficulty W, weighted CE.
 
 This is the part of LfF/DisEnt that the reference code runs as dozens of small operations with host
-synchronisations. Here it is three launches with no host sync (METHOD.md section 3,
+synchronisations. Here it is three launches with no host sync (docs/method.md,
 ``kernels/reference.py``):
 
 1. ``_ema_scatter_kernel`` (grid over the batch; fused into the loss kernel's epilogue when there is no

@@ -155,7 +155,7 @@ def weights64(ema_i, ema_b, labels, index, label, num_classes):
 
 def head_oracle(params, label, index, state, num_classes, perm, lambdas, form, upd=None,
                 parts=None, q=0.7, alpha=0.7):
-    """Float64 DisEnt loss, statistics and new EMA state (METHOD.md section 4, materialised).
+    """Float64 DisEnt loss, statistics and new EMA state (docs/method.md, materialised).
 
     The classifier inputs ([z_i, sg(z_b)], [sg(z_i), z_b], and the swapped ones with z_b[pi]) go
     through two float64 linear layers. ``upd`` replaces the (index, ce_i, ce_b) the EMAs are

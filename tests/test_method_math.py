@@ -119,7 +119,7 @@ def small_disent(swap_start=0, lambdas=(10.0, 10.0, 1.0)):
 
 
 def reference_disent_loss(params, x, y, index, ema_i, ema_b, seen, labels, perm, lambdas):
-    """DisEnt's loss in float64 written from METHOD.md section 4, sample by sample for the EMA."""
+    """DisEnt's loss in float64 written from docs/method.md, sample by sample for the EMA."""
     lambda_dis, lambda_swap_b, lambda_swap = lambdas
 
     def encoder(prefix, inp):

@@ -127,6 +127,22 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(cmnist_ful
     assert resumed.start_step == 5
 
 
+def test_a_nan_in_any_micro_batch_of_an_accumulated_step_stops_the_run(cmnist_full, tmp_path,
+                                                                        monkeypatch):
+    cfg = run_config(cmnist_full / "1pct", train={"steps": 6, "eval_every": 100, "log_every": 2,
+                                                 "ckpt_every": 2, "grad_accum": 2})
+    trainer = Trainer(cfg, tmp_path / "run")
+    real_step, calls = trainer.method.step, []
+
+    def poisoned(batch, step):  # the first of step 3's two micro-batches only
+        loss, stats = real_step(batch, step)
+        calls.append(step)
+        return (loss * float("nan") if calls.count(3) == 1 and step == 3 else loss), stats
+    monkeypatch.setattr(trainer.method, "step", poisoned)
+    with pytest.raises(DfaError, match="NaN or infinite at step 3.*last good checkpoint is step 2"):
+        trainer.run()
+
+
 def test_resume_with_a_different_config_is_refused_unless_forced(cmnist_full, tmp_path):
     data = cmnist_full / "1pct"
     train(run_config(data, train={"steps": 5, "eval_every": 5, "ckpt_every": 5}), tmp_path / "r")

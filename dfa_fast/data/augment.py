@@ -1,10 +1,11 @@
 """Batched, on-device image preparation: uint8 NHWC -> float NCHW, resize, crop+flip, normalise.
 
-The augmentations of METHOD.md section 5 (random crop with zero padding, horizontal flip; resize for
-faces) run on the whole batch at once on the batch's device, so no per-image Python work and no host
-synchronisation. Their random numbers are a hash of (run seed, epoch, sample index): a pure function
-of the sample, not of which rank or batch position reads it, so N ranks augment exactly like one
-process and a resumed run like an uninterrupted one, with no generator state to carry.
+The augmentations of docs/method.md, "Published hyperparameters" (random crop with zero padding,
+horizontal flip; resize for faces) run on the whole batch at once on the batch's device, so no
+per-image Python work and no host synchronisation. Their random numbers are a hash of (run seed,
+epoch, sample index): a pure function of the sample, not of which rank or batch position reads it,
+so N ranks augment exactly like one process and a resumed run like an uninterrupted one, with no
+generator state to carry.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from dfa_fast.data.splits import (balanced_biases, conflicting_biases, ratio_key
 from dfa_fast.errors import DfaError
 
 NUM_CLASSES = 10
-# The LfF palette (RGB in 0..1) of bias classes 0..9 (METHOD.md section 6).
+# The LfF palette (RGB in 0..1) of bias classes 0..9 (docs/data.md, "Colored MNIST").
 LFF_PALETTE = np.array([
     (0.9837, 0.3125, 0.1686), (0.9905, 0.9156, 0.3515), (0.6730, 0.4611, 0.5798),
     (0.7833, 0.8316, 0.6013), (0.0880, 0.7780, 0.9818), (0.3214, 0.9611, 0.4464),

@@ -1,7 +1,7 @@
 """CIFAR-10-C image corruptions with the published 32 px parameters, levels 1..5.
 
 The 19 corruptions of Hendrycks and Dietterich (ICLR 2019) as used by the Corrupted CIFAR-10 benchmark,
-plus the identity "original". The parameters are the CIFAR-10-C ones (docs/CIFAR10C.md), not the
+plus the identity "original". The parameters are the CIFAR-10-C ones (docs/data.md), not the
 stronger ImageNet-C ones that most corruption packages ship. Usage::
 
     rng = np.random.default_rng(seed)          # one Generator per (image, corruption)
@@ -16,7 +16,7 @@ Conventions shared by every corruption:
 
 Deviations from the published definitions (each one is also noted where it happens):
 - motion blur and the streaks of snow use a line-kernel stand-in for ImageMagick's ``-motion-blur``
-  (same one-sided Gaussian taps and tap offsets, edge pixels replicated), as CIFAR10C.md allows;
+  (same one-sided Gaussian taps and tap offsets, edge pixels replicated), see docs/data.md;
 - glass blur reproduces what the published loop actually does: its "swap" of two numpy views only
   copies the neighbour into the pixel, so every swept pixel takes the value of a neighbour picked with
   shifts in {-1, 0}; this is computed as one gather instead of a Python loop;
@@ -50,7 +50,7 @@ RANDOM_CORRUPTIONS = frozenset({
     "gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise", "glass_blur", "motion_blur",
 })
 
-# One entry per level 1..5, in the units and order of the CIFAR10C.md table.
+# One entry per level 1..5, in the units and order of the table in docs/data.md.
 _PARAMS = {
     "gaussian_noise": (0.04, 0.06, 0.08, 0.09, 0.10),  # sigma on [0, 1]
     "shot_noise": (500, 250, 100, 75, 50),  # Poisson photon count at full scale

@@ -28,9 +28,8 @@ import torch
 
 from dfa_fast.data.augment import ImageTransform, sample_keys
 from dfa_fast.data.beton import import_ffcv, load_sidecar, own_threads
+from dfa_fast.config import TRAIN_ORDERS
 from dfa_fast.errors import DfaError
-
-ORDERS = ("random", "quasi_random", "sequential")
 
 
 @dataclass
@@ -199,8 +198,9 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
     from ffcv.loader.loader import ORDER_MAP
 
     meta = load_sidecar(path)
-    if order not in ("random", "quasi_random"):
-        raise DfaError(f"train order {order!r} unknown; expected 'random' or 'quasi_random'")
+    if order not in TRAIN_ORDERS:
+        raise DfaError(f"train order {order!r} unknown; expected one of "
+                       f"{', '.join(TRAIN_ORDERS)}")
     if order == "quasi_random" and distributed:
         raise DfaError("order 'quasi_random' is not supported with distributed=True (FFCV cannot "
                        "split it across ranks); use order 'random'")
