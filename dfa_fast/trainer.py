@@ -31,6 +31,7 @@ from dfa_fast.config import RunConfig
 from dfa_fast.data.augment import CIFAR_MEAN, CIFAR_STD, ImageTransform
 from dfa_fast.data.beton import load_sidecar, read_int_field, write_json_atomic
 from dfa_fast.data.loaders import make_eval_loader, make_train_loader
+from dfa_fast.data.process_loader import load_in_child
 from dfa_fast.data.splits import ratio_tag
 from dfa_fast.distributed import all_gather_batch, average_over_ranks, rank_and_world
 from dfa_fast.engine import (apply_optim_config, initialize, load_ds_config, prepare_environment,
@@ -263,8 +264,9 @@ class Trainer:
         self.train_loader = make_train_loader(folder / "train.beton", micro, seed=t.seed,
                                               device=self.device, order=cfg.data.order,
                                               distributed=self.world > 1, transform=transform,
-                                              num_workers=cfg.data.num_workers,
-                                              process=cfg.data.loader_process)
+                                              num_workers=cfg.data.num_workers)
+        if cfg.data.loader_process:
+            self.train_loader = load_in_child(self.train_loader)
         self.eval_loaders = {
             name: make_eval_loader(folder / f"{split}.beton", cfg.data.eval_batch_size,
                                    device=self.device, distributed=self.world > 1,

@@ -14,7 +14,7 @@ import torch
 from dfa_fast.data.augment import CIFAR_MEAN, CIFAR_STD, ImageTransform
 from dfa_fast.data.beton import write_split
 from dfa_fast.data.loaders import DeviceLoader, make_train_loader
-from dfa_fast.data.process_loader import KEEP, ProcessLoader
+from dfa_fast.data.process_loader import KEEP, ProcessLoader, load_in_child
 from dfa_fast.errors import DfaError
 
 N = 600
@@ -41,8 +41,8 @@ TRANSFORMS = {
 
 def pair(path, transform, seed=3, batch=50):
     one = make_train_loader(path, batch, seed=seed, num_workers=1, transform=transform)
-    two = make_train_loader(path, batch, seed=seed, num_workers=1, transform=transform,
-                            process=True)
+    two = load_in_child(make_train_loader(path, batch, seed=seed, num_workers=1,
+                                          transform=transform))
     assert isinstance(one, DeviceLoader) and isinstance(two, ProcessLoader)
     return one, two
 
@@ -79,8 +79,8 @@ def test_process_loader_resumes_from_a_saved_place(path):
     for _ in range(17):
         next(a), next(b)
     state = two.state_dict()
-    resumed = make_train_loader(path, 50, seed=5, num_workers=1, transform=transform,
-                                process=True)
+    resumed = load_in_child(make_train_loader(path, 50, seed=5, num_workers=1,
+                                              transform=transform))
     resumed.load_state_dict(state)
     c = resumed.stream()
     for i in range(10):
@@ -192,7 +192,7 @@ def test_without_semaphores_the_loader_stays_a_thread_with_a_warning(path, monke
         raise OSError(38, "Function not implemented")
     monkeypatch.setattr(type(multiprocessing.get_context("fork")), "Semaphore", no_semaphore)
     with pytest.warns(UserWarning, match="cannot make a semaphore.*loading in FFCV's thread"):
-        loader = make_train_loader(path, 50, seed=0, num_workers=1, process=True)
+        loader = load_in_child(make_train_loader(path, 50, seed=0, num_workers=1))
     assert isinstance(loader, DeviceLoader) and len(list(loader)) == N // 50
 
 
@@ -202,7 +202,8 @@ def test_the_child_ends_with_its_parent(path, tmp_path):
     script.write_text(
         "import os, signal, sys\n"
         "from dfa_fast.data.loaders import make_train_loader\n"
-        f"loader = make_train_loader({str(path)!r}, 50, seed=0, num_workers=1, process=True)\n"
+        "from dfa_fast.data.process_loader import load_in_child\n"
+        f"loader = load_in_child(make_train_loader({str(path)!r}, 50, seed=0, num_workers=1))\n"
         "stream = loader.stream(); next(stream)\n"
         "print(loader.process.pid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n")
@@ -230,8 +231,9 @@ def test_child_of_a_multithreaded_parent_does_not_hang(path, tmp_path):
         "torch.set_num_threads(2); torch.ones(2 ** 24).mul_(2)  # an OpenMP team in this thread\n"
         "from dfa_fast.data.augment import ImageTransform\n"
         "from dfa_fast.data.loaders import make_train_loader\n"
-        f"loader = make_train_loader({str(path)!r}, 300, seed=0, num_workers=2, process=True,\n"
-        "                           transform=ImageTransform(scale=1 / 255))\n"
+        "from dfa_fast.data.process_loader import load_in_child\n"
+        f"loader = load_in_child(make_train_loader({str(path)!r}, 300, seed=0, num_workers=2,\n"
+        "                                         transform=ImageTransform(scale=1 / 255)))\n"
         "stream = loader.stream()\n"
         "for _ in range(6): next(stream)\n"
         "print('ok', torch.get_num_threads())\n")

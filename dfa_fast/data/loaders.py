@@ -11,14 +11,13 @@ On the CPU the device is the host, so the uint8 -> float conversion and scaling 
 most expensive part there) run in FFCV's loader thread instead, ahead of the training step
 (`ScaleToFloat`; straight to bf16 under the bf16 precisions when nothing but crop and flip
 follows, so the training thread reads half the bytes); the rest of the transform (crop, flip,
-normalisation) still runs per batch. For CPU training `make_train_loader(process=True)` runs the
-whole loader in a child process instead (`process_loader.ProcessLoader`): its Python then never
-takes the GIL from the training thread.
+normalisation) still runs per batch. For CPU training the trainer wraps the train loader in
+`process_loader.load_in_child`, which runs it in a child process: its Python then never takes the
+GIL from the training thread. (That module builds on this one, never the other way round.)
 """
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -83,9 +82,9 @@ class DeviceLoader:
         # FFCV reuses its output buffers a few batches later: everything kept must be a copy.
         ints = [t.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
                 for t in (label, bias, index)]
-        return Batch(self._image(image, ints[2]), *ints)
+        return Batch(self.image_of(image, ints[2]), *ints)
 
-    def _image(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def image_of(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Return the batch's image, transformed (``index``: the samples, for augmentation keys);
         never FFCV's buffer itself."""
         image = image.to(self.device, non_blocking=True)
@@ -189,10 +188,9 @@ def _workers(num_workers: Optional[int]) -> int:
 def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
                       device: torch.device | str = "cpu", order: str = "random",
                       distributed: bool = False, transform: Optional[ImageTransform] = None,
-                      num_workers: Optional[int] = None, os_cache: bool = True,
-                      process: bool = False):
-    """Return the training loader of a split: shuffled every epoch from ``seed``, drop_last; with
-    ``process`` (CPU only) a `ProcessLoader` that loads in a child process."""
+                      num_workers: Optional[int] = None, os_cache: bool = True) -> DeviceLoader:
+    """Return the training loader of a split: shuffled every epoch from ``seed``, drop_last
+    (`process_loader.load_in_child` runs it in a child process)."""
     import_ffcv()
     from ffcv.loader import Loader, OrderOption
     from ffcv.loader.loader import ORDER_MAP
@@ -215,14 +213,7 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
                         order="global_shuffle" if order == "random" else OrderOption.QUASI_RANDOM,
                         distributed=distributed, seed=int(seed), drop_last=True,
                         os_cache=os_cache, pipelines=_pipelines(device, transform))
-    train = DeviceLoader(loader, meta, device, transform, train=True, seed=int(seed))
-    if process and device.type == "cpu":
-        from dfa_fast.data.process_loader import ProcessLoader
-        try:
-            return ProcessLoader(train)
-        except DfaError as error:  # no fork or no semaphores here: FFCV's thread still works
-            warnings.warn(f"{error}; loading in FFCV's thread instead")
-    return train
+    return DeviceLoader(loader, meta, device, transform, train=True, seed=int(seed))
 
 
 def make_eval_loader(path: Path | str, batch_size: int, *, device: torch.device | str = "cpu",

@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import signal
 import traceback
+import warnings
 from typing import Iterator, Optional
 
 import numpy as np
@@ -250,9 +251,10 @@ class ProcessLoader:
         if length != ints.shape[1]:
             ints = ints[:, :length]
         label, bias, index = ints
-        self.inner.epoch, self.inner.position = epoch, position  # (the batch's epoch: its keys)
+        # The batch's place first: its epoch gives the augmentation keys.
+        self.inner.load_state_dict({"epoch": epoch, "position": position})
         self.taken += 1
-        return Batch(self.inner._image(slots.image(k), index), label, bias, index)
+        return Batch(self.inner.image_of(slots.image(k), index), label, bias, index)
 
     def stream(self) -> Iterator[Batch]:
         """Yield batches forever from the current place, made in the child process (forked at
@@ -280,3 +282,16 @@ class ProcessLoader:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+def load_in_child(train: DeviceLoader):
+    """Return ``train`` wrapped in a `ProcessLoader` where it can run (a CPU loader on a system
+    with fork and semaphores), else ``train`` itself with a one-line warning: FFCV's thread still
+    works."""
+    if train.device.type != "cpu":
+        return train
+    try:
+        return ProcessLoader(train)
+    except DfaError as error:
+        warnings.warn(f"{error}; loading in FFCV's thread instead")
+        return train
