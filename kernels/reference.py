@@ -36,16 +36,25 @@ Gather = Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
 
 
+def _vector_floats() -> int:
+    """Return the float32 lanes of torch's CPU kernels on this machine (16 with AVX-512, 8 with
+    AVX2), or 0 where its capability is another or unknown (then rows are never transposed)."""
+    get = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return {"AVX512": 16, "AVX2": 8}.get(get() if get is not None else "", 0)
+
+
 # Below this many classes, log-softmax runs over the transposed view (see `log_softmax`).
-NARROW_ROWS = 16
+NARROW_ROWS = _vector_floats()
 
 
 def log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """Return the row-wise log-softmax (B, C) in float32.
 
-    With fewer than 16 classes the rows are narrower than torch's CPU vector width, and its kernel
-    handles them element by element (256 x 10: 31 us, against 6 us over the transposed view, where
-    the batch is the vectorised dimension). Both give the same values and gradients bit for bit.
+    With fewer classes than torch's CPU vector width (`NARROW_ROWS`: 16 floats with AVX-512, 8 with
+    AVX2) its kernel handles the rows element by element (256 x 10 with AVX-512: 31 us, against 6 us
+    over the transposed view, where the batch is the vectorised dimension). Both give the same
+    values and gradients bit for bit; at or above the width torch's vectorised rows sum in another
+    order, so those rows take torch's kernel itself.
     """
     x = logits.float()
     if x.shape[1] < NARROW_ROWS:
