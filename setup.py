@@ -26,6 +26,7 @@ setup(
         "imagecorruptions-imaug>=1.1.5",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["dfa-fast=dfa_fast.cli:main"]},

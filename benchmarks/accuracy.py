@@ -26,6 +26,7 @@ from common import RESULTS, write_results  # noqa: E402
 
 from dfa_fast.config import load_preset  # noqa: E402
 from dfa_fast.errors import DfaError  # noqa: E402
+from dfa_fast.plot import plot_grid  # noqa: E402
 from dfa_fast.report import aggregate, find_summaries, markdown_table  # noqa: E402
 from dfa_fast.trainer import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE  # noqa: E402
 
@@ -160,9 +161,10 @@ def main() -> None:
                   "no LR decay (docs/method.md).")
     if missing:
         table += "\n\nLeft out (no finished run): " + ", ".join(missing) + "."
-    write_results(args.name or f"accuracy-{args.preset}",
-                  {"rows": rows, "dataset": args.dataset, "overrides": args.set,
-                   "missing_cells": missing}, table, args.results)
+    name = args.name or f"accuracy-{args.preset}"
+    write_results(name, {"rows": rows, "dataset": args.dataset, "overrides": args.set,
+                         "missing_cells": missing}, table, args.results)
+    plot_grid(rows, args.results / f"{name}.png")
     print(table)
 
 

@@ -8,7 +8,8 @@
     dfa-fast train --preset cmnist --ratio 1 --method disent --data data/cmnist --out runs/c1
     dfa-fast train --resume runs/c1
     dfa-fast eval runs/c1 --split test
-    dfa-fast report runs/
+    dfa-fast report runs/ --plot runs/grid.png
+    dfa-fast plot runs/c1 runs/c2 --out runs/c1-c2.png
 """
 from __future__ import annotations
 
@@ -108,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="mean and std over seeds of finished runs")
     report.add_argument("runs", type=Path, nargs="+", help="run directories or folders of them")
     report.add_argument("--json", type=Path, help="also write the rows as JSON")
+    report.add_argument("--plot", type=Path, metavar="FILE",
+                        help="also draw accuracy against ratio per method (.png, .svg or .pdf)")
+
+    plot = commands.add_parser("plot", help="draw the curves of one run or several overlaid")
+    plot.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR",
+                      help="run directories (finished or in progress)")
+    plot.add_argument("--out", type=Path, metavar="FILE",
+                      help="the figure (.png, .svg or .pdf; default RUN_DIR/curves.png of the "
+                           "first run)")
     return parser
 
 
@@ -237,6 +247,15 @@ def run_report(args: argparse.Namespace) -> None:
     print(markdown_table(rows))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    if args.plot:
+        from dfa_fast.plot import plot_grid
+        print(f"wrote {plot_grid(rows, args.plot)}")
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    """Draw the curves of the runs and print the figure's path."""
+    from dfa_fast.plot import plot_runs
+    print(f"wrote {plot_runs(args.runs, args.out or args.runs[0] / 'curves.png')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(args)
         elif args.command == "report":
             run_report(args)
+        elif args.command == "plot":
+            run_plot(args)
     except DfaError as err:
         import os
         world = int(os.environ.get("WORLD_SIZE", 1))

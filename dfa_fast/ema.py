@@ -11,13 +11,18 @@ from typing import Callable, Optional
 
 import torch
 
+from dfa_fast import ops
+
 
 class SampleLossEMA:
     """Per-sample loss EMAs of two branches over the whole training split."""
 
     def __init__(self, labels: torch.Tensor, num_classes: int, alpha: float,
-                 device: torch.device):
+                 device: torch.device, biases: Optional[torch.Tensor] = None):
         self.labels = labels.to(device=device, dtype=torch.int64)
+        # Which samples are bias-aligned (label == bias), for the logged weight statistics only.
+        self.aligned = None if biases is None else \
+            (self.labels == biases.to(device=device, dtype=torch.int64))
         self.num_classes = num_classes
         self.alpha = alpha
         n = len(labels)
@@ -25,6 +30,23 @@ class SampleLossEMA:
         self.ema_b = torch.zeros(n, dtype=torch.float32, device=device)
         self.seen = torch.zeros(n, dtype=torch.bool, device=device)
         self.gather: Optional[Callable] = None
+
+    def group_weights(self) -> dict:
+        """Return the mean weight W of the seen bias-aligned and bias-conflicting training samples,
+        over the whole buffer as it stands (floats; one host read). A group with no seen sample
+        is left out; so is everything when the biases were not given."""
+        if self.aligned is None:
+            return {}
+        every = torch.arange(len(self.labels), device=self.labels.device)
+        w = ops.relative_difficulty(self.ema_i, self.ema_b, self.labels, every, self.labels,
+                                    self.num_classes)
+        out = {}
+        for name, group in (("weight_aligned", self.aligned), ("weight_conflicting", ~self.aligned)):
+            mask = group & self.seen
+            count = int(mask.sum())
+            if count:
+                out[name] = float(w[mask].sum()) / count
+        return out
 
     def state_dict(self) -> dict:
         """Return the buffers (CPU copies) for a checkpoint."""

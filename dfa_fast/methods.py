@@ -54,8 +54,15 @@ class Method:
         """Return the method's module (all trainable parts)."""
         raise NotImplementedError
 
-    def attach(self, train_labels: torch.Tensor) -> None:
-        """Give the method the labels of every training sample (the EMA methods need them)."""
+    def attach(self, train_labels: torch.Tensor, train_biases: Optional[torch.Tensor] = None
+               ) -> None:
+        """Give the method the labels of every training sample (the EMA methods need them) and
+        their biases (for the logged weight statistics)."""
+
+    def log_stats(self) -> dict:
+        """Return statistics of the method's state for the training log (floats; may read the
+        device): the EMA methods' mean weight of aligned and of conflicting samples."""
+        return self.ema.group_weights() if self.ema is not None else {}
 
     def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
         """Return the loss of one batch (scalar with gradient) and detached statistics."""
@@ -89,9 +96,10 @@ class Vanilla(Method):
 
 
 class _EMAMethod(Method):
-    def attach(self, train_labels: torch.Tensor) -> None:
+    def attach(self, train_labels: torch.Tensor, train_biases: Optional[torch.Tensor] = None
+               ) -> None:
         self.ema = SampleLossEMA(train_labels, self.num_classes, self.cfg.method.ema_alpha,
-                                 self.device)
+                                 self.device, train_biases)
 
     def _loss_kwargs(self) -> dict:
         m = self.cfg.method

@@ -60,6 +60,13 @@ def sample_weights(ema_i, ema_b, seen, labels, num_classes, index, label, ce_i, 
                                        ce_i, ce_b, alpha, gather)
 
 
+def relative_difficulty(ema_i, ema_b, labels, index, label, num_classes):
+    """Return the weights W (B,) of the samples at ``index`` from the EMAs as they stand, without
+    updating them: the statistic of the logs (the reference's formula on every backend; no step
+    computes it apart from `sample_weights`)."""
+    return reference.relative_difficulty(ema_i, ema_b, labels, index, label, num_classes)
+
+
 def weighted_cross_entropy(logits, target, weight):
     """Return mean(weight * CE(logits, target)), a scalar."""
     return _impl(logits).weighted_cross_entropy(logits, target, weight)

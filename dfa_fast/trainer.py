@@ -30,6 +30,7 @@ from dfa_fast import schedule
 from dfa_fast.config import RunConfig
 from dfa_fast.data.augment import CIFAR_MEAN, CIFAR_STD, ImageTransform
 from dfa_fast.data.beton import load_sidecar, read_int_field, write_json_atomic
+from dfa_fast.data.info import thin_cell_note
 from dfa_fast.data.loaders import make_eval_loader, make_train_loader
 from dfa_fast.data.process_loader import load_in_child
 from dfa_fast.data.splits import ratio_tag
@@ -251,11 +252,16 @@ class Trainer:
         self.num_classes, self.num_biases = train_meta["num_classes"], train_meta["num_biases"]
         self.method = build_method(cfg, self.num_classes, self.device)
         folder = Path(cfg.data.path)
-        self.method.attach(torch.from_numpy(read_int_field(folder / "train.beton", "label").copy()))
+        self.method.attach(*(torch.from_numpy(read_int_field(folder / "train.beton", field).copy())
+                             for field in ("label", "bias")))
         self.engine = initialize(self.method.model, cfg, load_ds_config(ds_config, cfg,
                                                                         world_size()))
         self.rank, self.world = rank_and_world()
         self.is_main = self.rank == 0
+        thin = thin_cell_note(self.metas[cfg.data.valid_split]["counts"])
+        if thin and self.is_main:
+            print(f"dfa-fast: warning: {folder / cfg.data.valid_split}.beton: {thin}; the "
+                  "valid-selected checkpoint rests on them (docs/data.md)", file=sys.stderr)
         if self.world > 1 and self.method.ema is not None:
             self.method.ema.gather = all_gather_batch
 
@@ -454,7 +460,7 @@ class Trainer:
                  "lr": self.engine.get_lr()[0],
                  "images_per_s": steps * self.cfg.data.batch_size / elapsed,
                  "data_share": window["data"] / elapsed,
-                 "step_ms": 1000 * elapsed / steps}
+                 "step_ms": 1000 * elapsed / steps, **self.method.log_stats()}
         if self.device.type == "cuda":
             entry["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
         self._log(entry)

@@ -51,8 +51,24 @@ def test_accuracy_grid_resumes_interrupted_runs_and_reports_what_finished(cmnist
     assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 49
     # ... and seed 1, never started, ran from the beginning.
     assert json.loads((run_dir.parent / "seed1" / "summary.json").read_text())["steps"] == 50
-    rows = json.loads((tmp_path / "results" / "grid.json").read_text())["rows"]
+    written = json.loads((tmp_path / "results" / "grid.json").read_text())
+    rows = written["rows"]
     assert [(r["method"], r["seeds"]) for r in rows] == [("vanilla", [0, 1])]
+    # The shared result helper records the checkout's commit, the date and the command, and the
+    # grid's figure is drawn beside its table.
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    table = (tmp_path / "results" / "grid.md").read_text()
+    if head.returncode == 0:
+        head = head.stdout.strip()
+        assert written["git"]["commit"] == head and isinstance(written["git"]["dirty"], bool)
+        assert f"Commit: {head[:12]}" in table
+    else:  # a source tree without git
+        assert written["git"] == {"commit": None, "dirty": None}
+        assert "Commit: not a git checkout" in table
+    assert written["date"].endswith("UTC") and "accuracy.py" in written["command"]
+    assert (tmp_path / "results" / "grid.png").stat().st_size > 10_000
+    assert not list((tmp_path / "results").glob(".*partial*"))
 
     # A table from what has finished: seed 2 has no run and is named, not invented.
     report = grid(cmnist_full, tmp_path, "0,1,2", "--report-only")

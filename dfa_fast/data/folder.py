@@ -108,13 +108,13 @@ def import_folder(src: Path | str, out: Path | str, dataset: str, *,
             arrays["test_conflict"] = (LazyImages(tree.read, [images.names[i] for i in keep],
                                                   str(src), None), labels[keep], biases[keep])
         side = max(arrays["train"][0][0].shape[:2])
+        encoding = "raw" if side <= RAW_MAX_SIDE else "jpg"
         train_labels, train_biases = arrays["train"][1:]
         info = {"dataset": dataset, "source_layout": "disent-folder",
                 "ratio": float(np.mean(train_labels != train_biases)), "ratio_folder": tag,
-                "seed": None, "builder": {"jpeg_quality": jpeg_quality},
-                "sources": checksums}
+                "seed": None, "sources": checksums,
+                "builder": {"jpeg_quality": jpeg_quality} if encoding == "jpg" else {}}
         write_splits(out / tag, arrays, num_classes=num_classes, num_biases=num_classes,
-                     info=info, overwrite=overwrite,
-                     encoding="raw" if side <= RAW_MAX_SIDE else "jpg",
+                     info=info, overwrite=overwrite, encoding=encoding,
                      jpeg_quality=jpeg_quality, progress=progress)
     return [out / tag for tag in layout]
