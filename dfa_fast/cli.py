@@ -10,6 +10,7 @@
     dfa-fast eval runs/c1 --split test
     dfa-fast report runs/ --plot runs/grid.png
     dfa-fast plot runs/c1 runs/c2 --out runs/c1-c2.png
+    dfa-fast ops
 """
 from __future__ import annotations
 
@@ -118,7 +119,27 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", type=Path, metavar="FILE",
                       help="the figure (.png, .svg or .pdf; default RUN_DIR/curves.png of the "
                            "first run)")
+
+    commands.add_parser("ops", help="print which implementation each operation gets here")
     return parser
+
+
+def run_ops() -> None:
+    """Print the implementation each operation gets on this machine, per case, with versions."""
+    import torch
+    from dfa_fast import ops
+    from dfa_fast.environment import versions
+    print(", ".join(f"{k} {v}" for k, v in versions().items()))
+    forced = ops.forced_backend()
+    print(f"DFA_KERNELS={forced}" if forced else "DFA_KERNELS not set (the default choice)")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    cases = ("fp32", "bf16", "bf16_mixed", "gather")
+    print("| operation | " + " | ".join(f"{d} {c}" for d in devices for c in cases) + " |")
+    print("| --- |" + " --- |" * (len(devices) * len(cases)))
+    rows = {d: ops.describe(d) for d in devices}
+    for i, row in enumerate(rows["cpu"]):
+        print(f"| {row['operation']} | " + " | ".join(rows[d][i][c] for d in devices
+                                                      for c in cases) + " |")
 
 
 def train_config(args: argparse.Namespace):
@@ -275,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             run_report(args)
         elif args.command == "plot":
             run_plot(args)
+        elif args.command == "ops":
+            run_ops()
     except DfaError as err:
         import os
         world = int(os.environ.get("WORLD_SIZE", 1))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dfa_fast import ops
 from dfa_fast.config import ModelConfig
-from dfa_fast.kernels import onednn_linear
 
 MNIST_INPUT = 3 * 28 * 28
 
@@ -23,9 +23,9 @@ class MLPEncoder(nn.Module):
     The reference's doubly scaled pixels ([0, 1/255]) are ``model.input_scale``, applied once per
     batch by the data transform rather than by each encoder.
 
-    In float32 on a CPU each Linear + ReLU runs through oneDNN (`kernels.onednn_linear`), 2-2.6x
-    faster than PyTorch's MKL products on AMD processors; elsewhere, under autocast and with
-    ``DFA_KERNELS=torch`` the layers run as the plain modules.
+    The Linear + ReLU chain goes through `dfa_fast.ops`: in float32 on a CPU oneDNN
+    (`kernels.onednn_linear`), 2-2.6x faster than PyTorch's MKL products on AMD processors;
+    elsewhere, under autocast and with ``DFA_KERNELS=torch`` the plain modules.
     """
 
     feature_dim = 16
@@ -40,9 +40,7 @@ class MLPEncoder(nn.Module):
         """Return the (B, 16) features of a (B, 3, 28, 28) batch."""
         x = x.permute(0, 2, 3, 1).flatten(1)
         first, _, second, _, third, _ = self.layers  # iterating: no new Sequential per call
-        if onednn_linear.usable(x, first.weight):
-            return onednn_linear.linear_relu_chain(x, (first, second, third))
-        return self.layers(x)
+        return ops.linear_relu_chain(x, (first, second, third))
 
 
 class BasicBlock(nn.Module):

@@ -1,63 +1,210 @@
-"""The one place that chooses how the DisEnt/LfF loss operations are computed.
+"""The one place that chooses how each operation of the methods and models is computed.
 
-Three backends with the same functions and signatures (methods call these wrappers, never a kernel
-directly):
+`TABLE` lists, for every operation, its implementations in order of preference. Each has a
+backend (``triton``, ``fused`` or ``torch``) and a ``supports(*args, **kwargs)`` test of the call
+(device, dtype, layout, a data-parallel gather or swap); the first implementation that supports a
+call runs it. Kernels never fall back on their own, and methods and models call only the functions
+below (docs/design.md, "Where to add an implementation").
 
-* ``triton``: the fused Triton kernels (`dfa_fast.kernels.triton_ops`), the default for CUDA tensors;
-* ``fused``: the default everywhere else (CPUs): the DisEnt head as one autograd function with
-  closed-form gradients, two compiled numba calls for float32 (`dfa_fast.kernels.numba_head`) and
-  PyTorch operations otherwise (`dfa_fast.kernels.fused_torch`), the EMA update and weights as one
-  numba pass (`dfa_fast.kernels.numba_weighting`), the other operations as in the reference;
-* ``torch``: the PyTorch reference (`dfa_fast.kernels.reference`), which defines the semantics.
+- ``triton``: the fused Triton kernels (`dfa_fast.kernels.triton_ops`), first for CUDA tensors;
+- ``fused``: the CPU implementations: the compiled numba DisEnt head and EMA pass
+  (`kernels.numba_head`, `kernels.numba_weighting`), the closed-form PyTorch head for other dtypes
+  and gathers (`kernels.fused_torch`), oneDNN's Linear + ReLU for the MLP encoder
+  (`kernels.onednn_linear`);
+- ``torch``: the PyTorch reference (`kernels.reference`), which defines the semantics and supports
+  every call.
 
-``DFA_KERNELS=triton|fused|torch`` forces one (``triton`` on a CPU tensor needs
-``TRITON_INTERPRET=1``, which the tests set).
+``DFA_KERNELS=triton|fused|torch`` forces a backend: its implementations are tried first (Triton
+also on CPU tensors, under ``TRITON_INTERPRET=1``, which the tests set), then the reference.
+`describe` (``dfa-fast ops``) prints what each operation gets on this machine.
 """
 from __future__ import annotations
 
 import os
-from types import ModuleType
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from dfa_fast.kernels import fused_torch, reference
+from dfa_fast.kernels import reference
 
 BACKENDS = ("triton", "fused", "torch")
 
 
-def backend(tensor: torch.Tensor) -> str:
-    """Return the backend ("triton", "fused" or "torch") that computes operations on ``tensor``."""
+def forced_backend() -> str:
+    """Return the backend DFA_KERNELS forces, or "" when it is not set."""
     forced = os.environ.get("DFA_KERNELS", "")
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"DFA_KERNELS={forced!r} is not a backend; expected one of {BACKENDS}")
-        return forced
-    return "triton" if tensor.is_cuda else "fused"
+    if forced and forced not in BACKENDS:
+        raise ValueError(f"DFA_KERNELS={forced!r} is not a backend; expected one of {BACKENDS}")
+    return forced
 
 
-def _impl(tensor: torch.Tensor) -> ModuleType:
-    name = backend(tensor)
-    if name == "triton":
-        from dfa_fast.kernels import triton_ops  # imported lazily: Triton is not needed on a CPU
-        return triton_ops
-    return fused_torch if name == "fused" else reference
+def backend(tensor: torch.Tensor) -> str:
+    """Return the backend ("triton", "fused" or "torch") preferred for operations on ``tensor``."""
+    return forced_backend() or ("triton" if tensor.is_cuda else "fused")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One implementation of an operation: ``load()`` returns the function; ``supports`` takes the
+    call's arguments."""
+    name: str
+    backend: str
+    load: Callable[[], Callable]
+    supports: Callable[..., bool]
+
+
+def _always(*_args, **_kwargs) -> bool:
+    return True
+
+
+def _triton_device(tensor: torch.Tensor) -> bool:
+    # CUDA tensors; CPU tensors only when Triton is forced and interpreted (the tests).
+    return tensor.is_cuda or (forced_backend() == "triton" and tensor.device.type == "cpu")
+
+
+def _triton(name: str) -> Callable[[], Callable]:
+    def load():
+        from dfa_fast.kernels import triton_ops  # lazily: a CPU run needs no Triton
+        return getattr(triton_ops, name)
+    return load
+
+
+def _numba_weighting():
+    from dfa_fast.kernels import numba_weighting
+    return numba_weighting
+
+
+def _takes_buffers(ema_i, ema_b, seen, labels, *_args, **_kwargs) -> bool:
+    return _numba_weighting().takes(ema_i, ema_b, seen, labels)
+
+
+def _weigh_for(ema_i, ema_b, seen, labels) -> Callable:
+    """The `sample_weights` implementation a fused head uses for these buffers."""
+    return _numba_weighting().sample_weights if _numba_weighting().takes(
+        ema_i, ema_b, seen, labels) else reference.sample_weights
+
+
+def _numba_head_supports(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i,
+                         ema_b, seen, labels, *_args, gather=None, swap_source=None, **_kwargs):
+    from dfa_fast.kernels import numba_head
+    return swap_source is None and numba_head.usable(z_i, z_b, weight_i, bias_i, weight_b,
+                                                     bias_b, ema_i, ema_b, seen, labels, gather)
+
+
+def _load_numba_head():
+    from dfa_fast.kernels import numba_head
+    return numba_head.disent_head
+
+
+def _load_fused_torch_head():
+    from dfa_fast.kernels import fused_torch
+
+    def head(*args, **kwargs):
+        return fused_torch.disent_head(*args, weigh=_weigh_for(*args[8:12]), **kwargs)
+    return head
+
+
+def _load_fused_lff_head():
+    def head(*args, **kwargs):
+        return reference.lff_head(*args, weigh=_numba_weighting().sample_weights, **kwargs)
+    return head
+
+
+def _onednn_supports(x, layers) -> bool:
+    from dfa_fast.kernels import onednn_linear
+    return onednn_linear.usable(x, layers[0].weight)
+
+
+def _load_onednn_chain():
+    from dfa_fast.kernels import onednn_linear
+    return onednn_linear.linear_relu_chain
+
+
+def _torch_chain(x, layers):
+    for linear in layers:
+        x = torch.relu(linear(x))
+    return x
+
+
+def _no_swap_source(*_args, swap_source=None, **_kwargs) -> bool:
+    return swap_source is None
+
+
+def _triton_impl(name: str, extra: Callable[..., bool] = _always) -> Impl:
+    return Impl("triton", "triton", _triton(name),
+                lambda first, *args, **kwargs: _triton_device(first)
+                and extra(first, *args, **kwargs))
+
+
+def _reference(name: str) -> Impl:
+    return Impl("torch", "torch", lambda: getattr(reference, name), _always)
+
+
+TABLE: dict[str, tuple[Impl, ...]] = {
+    "cross_entropy": (_triton_impl("cross_entropy"), _reference("cross_entropy")),
+    "gce": (_triton_impl("gce"), _reference("gce")),
+    "sample_weights": (
+        _triton_impl("sample_weights"),
+        Impl("numba", "fused", lambda: _numba_weighting().sample_weights, _takes_buffers),
+        _reference("sample_weights")),
+    "weighted_cross_entropy": (_triton_impl("weighted_cross_entropy"),
+                               _reference("weighted_cross_entropy")),
+    "permute_concat": (_triton_impl("permute_concat"), _reference("permute_concat")),
+    # A swap across data-parallel ranks (swap_source) picks rows of the whole global batch: only
+    # the reference permutes beyond its own rows.
+    "disent_head": (
+        _triton_impl("disent_head", _no_swap_source),
+        Impl("numba", "fused", _load_numba_head, _numba_head_supports),
+        Impl("fused_torch", "fused", _load_fused_torch_head, _no_swap_source),
+        _reference("disent_head")),
+    "lff_head": (
+        _triton_impl("lff_head"),
+        Impl("fused", "fused", _load_fused_lff_head,
+             lambda logits_d, logits_b, label, index, ema_d, ema_b, seen, labels, *_a, **_k:
+             _numba_weighting().takes(ema_d, ema_b, seen, labels)),
+        _reference("lff_head")),
+    # The MLP encoder's Linear + ReLU layers (B, in) -> (B, out): float32 CPU, outside autocast.
+    "linear_relu_chain": (
+        Impl("onednn", "fused", _load_onednn_chain, _onednn_supports),
+        Impl("torch", "torch", lambda: _torch_chain, _always)),
+}
+
+
+def choose(operation: str, *args, **kwargs) -> Impl:
+    """Return the implementation that computes ``operation(*args, **kwargs)``."""
+    forced = forced_backend()
+    impls = TABLE[operation]
+    if forced:  # the forced backend's implementations, then the reference
+        impls = [i for i in impls if i.backend == forced] + \
+            [i for i in impls if i.backend == "torch"]
+    elif not args[0].is_cuda:  # Triton's are for CUDA tensors unless forced
+        impls = [i for i in impls if i.backend != "triton"]
+    for impl in impls:
+        if impl.supports(*args, **kwargs):
+            return impl
+    raise RuntimeError(f"no implementation of {operation} supports this call")  # unreachable
+
+
+def _run(operation: str, *args, **kwargs):
+    return choose(operation, *args, **kwargs).load()(*args, **kwargs)
 
 
 def cross_entropy(logits, target):
     """Return the per-sample cross-entropy (B,) in float32."""
-    return _impl(logits).cross_entropy(logits, target)
+    return _run("cross_entropy", logits, target)
 
 
 def gce(logits, target, q=0.7, form="reference"):
     """Return the per-sample generalized cross-entropy (B,) in float32."""
-    return _impl(logits).gce(logits, target, q, form)
+    return _run("gce", logits, target, q, form)
 
 
 def sample_weights(ema_i, ema_b, seen, labels, num_classes, index, label, ce_i, ce_b, alpha,
                    gather=None):
     """Update the per-sample loss EMAs in place and return the relative-difficulty weights (B,)."""
-    return _impl(ema_i).sample_weights(ema_i, ema_b, seen, labels, num_classes, index, label,
-                                       ce_i, ce_b, alpha, gather)
+    return _run("sample_weights", ema_i, ema_b, seen, labels, num_classes, index, label, ce_i,
+                ce_b, alpha, gather)
 
 
 def relative_difficulty(ema_i, ema_b, labels, index, label, num_classes):
@@ -69,22 +216,82 @@ def relative_difficulty(ema_i, ema_b, labels, index, label, num_classes):
 
 def weighted_cross_entropy(logits, target, weight):
     """Return mean(weight * CE(logits, target)), a scalar."""
-    return _impl(logits).weighted_cross_entropy(logits, target, weight)
+    return _run("weighted_cross_entropy", logits, target, weight)
 
 
 def permute_concat(z_i, z_b, perm=None):
     """Return the intrinsic and bias classifier inputs, each (B, 2D), with the stop-gradients."""
-    return _impl(z_i).permute_concat(z_i, z_b, perm)
+    return _run("permute_concat", z_i, z_b, perm)
 
 
 def disent_head(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b, seen,
                 labels, num_classes, perm, **kwargs):
     """Return the DisEnt loss and its statistics (see `reference.disent_head`)."""
-    return _impl(z_i).disent_head(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index,
-                                  ema_i, ema_b, seen, labels, num_classes, perm, **kwargs)
+    return _run("disent_head", z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index,
+                ema_i, ema_b, seen, labels, num_classes, perm, **kwargs)
 
 
 def lff_head(logits_d, logits_b, label, index, ema_d, ema_b, seen, labels, num_classes, **kwargs):
     """Return the LfF loss and its statistics (see `reference.lff_head`)."""
-    return _impl(logits_d).lff_head(logits_d, logits_b, label, index, ema_d, ema_b, seen, labels,
-                                    num_classes, **kwargs)
+    return _run("lff_head", logits_d, logits_b, label, index, ema_d, ema_b, seen, labels,
+                num_classes, **kwargs)
+
+
+def linear_relu_chain(x, layers):
+    """Return ``relu(... relu(relu(x W1^T + b1) W2^T + b2) ...)`` over ``layers`` (`nn.Linear`
+    modules, each followed by a ReLU) for a (B, in) input."""
+    return _run("linear_relu_chain", x, layers)
+
+
+def examples(device: str = "cpu") -> dict[str, tuple[tuple, dict]]:
+    """Return small example calls of every operation (arguments, keyword arguments) on a device:
+    what `describe` asks the table about."""
+    B, C, D, N = 8, 4, 6, 32
+    dev = torch.device(device)
+    logits, target = torch.zeros(B, C, device=dev), torch.zeros(B, dtype=torch.int64, device=dev)
+    z = torch.zeros(B, D, device=dev)
+    w, b = torch.zeros(C, 2 * D, device=dev), torch.zeros(C, device=dev)
+    ema = (torch.zeros(N, device=dev), torch.zeros(N, device=dev),
+           torch.zeros(N, dtype=torch.bool, device=dev), torch.zeros(N, dtype=torch.int64,
+                                                                     device=dev))
+    index = torch.arange(B, device=dev)
+    lambdas = {"lambda_dis": 1.0, "lambda_swap_b": 1.0, "lambda_swap": 1.0}
+    layers = [torch.nn.Linear(D, D).to(dev)]
+    return {
+        "cross_entropy": ((logits, target), {}),
+        "gce": ((logits, target), {}),
+        "sample_weights": ((*ema, C, index, target, target.float(), target.float(), 0.7), {}),
+        "weighted_cross_entropy": ((logits, target, target.float()), {}),
+        "permute_concat": ((z, z), {}),
+        "disent_head": ((z, z, w, b, w, b, target, index, *ema, C, None), lambdas),
+        "lff_head": ((logits, logits, target, index, *ema, C), {}),
+        "linear_relu_chain": ((z, layers), {}),
+    }
+
+
+def _cast(value, dtype):
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() \
+        and value.dim() and value.shape[0] == 8 else value
+
+
+def describe(device: str = "cpu") -> list[dict]:
+    """Return, for every operation, the implementation each case gets on this machine: float32,
+    bfloat16 inputs, under bf16 autocast (bf16_mixed) and with a data-parallel gather."""
+    rows = []
+    for operation, (args, kwargs) in examples(device).items():
+        def pick(call_args=args, call_kwargs=kwargs):
+            return choose(operation, *call_args, **call_kwargs).name
+        row = {"operation": operation, "fp32": pick(),
+               "bf16": pick(tuple(_cast(a, torch.bfloat16) for a in args))}
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            row["bf16_mixed"] = pick()
+        if operation in ("sample_weights", "disent_head", "lff_head"):
+            gather_kwargs = dict(kwargs, gather=lambda *t: t)
+            if operation == "sample_weights":
+                row["gather"] = pick(args[:-1] + (gather_kwargs.pop("gather"),), {})
+            else:
+                row["gather"] = pick(args, gather_kwargs)
+        else:
+            row["gather"] = row["fp32"]
+        rows.append(row)
+    return rows

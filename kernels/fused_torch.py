@@ -18,19 +18,19 @@ is four matrix products:
 
 The values are those of the reference: the same classifier products on the same concatenated
 inputs and the same log-softmax; the EMA update, class maxima and weights are one compiled pass
-(`numba_weighting.sample_weights`) that gives the reference's values bit for bit; the tests compare
-both. A swap across data-parallel ranks (``swap_source``) runs the reference.
+(`numba_weighting.sample_weights`, passed in as ``weigh`` by `dfa_fast.ops`) that gives the
+reference's values bit for bit; the tests compare both. `dfa_fast.ops` uses this head where the
+compiled one (`numba_head`) does not apply: other dtypes, other devices, a data-parallel gather.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import reference as _reference
-from . import numba_head
-from .numba_head import NumbaHeadFunction
-from .numba_weighting import sample_weights
-from .reference import Gather, cross_entropy, gce, permute_concat, weighted_cross_entropy
+from .reference import STAT_NAMES, Gather, sample_weights
 
 
 def _gce_parts(log_p_y: torch.Tensor, q: float, form: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +50,7 @@ class DisentHeadFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b,
                 seen, labels, num_classes, perm, lambda_dis, lambda_swap_b, lambda_swap, q,
-                alpha, gce_form, gather):
+                alpha, gce_form, gather, weigh):
         B, D = z_i.shape
         swap = perm is not None
         rows = torch.cat([z_i, z_b], 1)
@@ -65,8 +65,8 @@ class DisentHeadFunction(torch.autograd.Function):
         log_p = _reference.log_softmax(logits)
         log_p_y = log_p.gather(1, target).squeeze(1)
         ce = -log_p_y
-        w = sample_weights(ema_i, ema_b, seen, labels, num_classes, index, label, ce[:B],
-                           ce[k * B:k * B + B], alpha, gather)
+        w = weigh(ema_i, ema_b, seen, labels, num_classes, index, label, ce[:B],
+                  ce[k * B:k * B + B], alpha, gather)
         gce_value, gce_factor = _gce_parts(log_p_y[k * B:], q, gce_form)
         gce_b = gce_value[:B].mean()
         ce_i = ce[:B]
@@ -109,35 +109,16 @@ class DisentHeadFunction(torch.autograd.Function):
             g_zb = g_zb.index_add(0, perm, g_b[B:])
         d_z_i = (g_zi @ weight_i[:, :D].to(rows.dtype)).to(rows.dtype)
         d_z_b = (g_zb @ weight_b[:, D:].to(rows.dtype)).to(rows.dtype)
-        return (d_z_i, d_z_b, d_weight_i, d_bias_i, d_weight_b, d_bias_b) + (None,) * 15
+        return (d_z_i, d_z_b, d_weight_i, d_bias_i, d_weight_b, d_bias_b) + (None,) * 16
 
 
-STAT_NAMES = ("ce_i", "gce_b", "weight", "loss_dis", "loss_swap")  # loss_swap: with a swap only
-
-
-def disent_head(*args, swap_source=None, **kwargs):
-    """Return the DisEnt loss (scalar) and detached statistics for one step, with the arguments
-    and contract of ``reference.disent_head`` (which runs when ``swap_source`` is given)."""
-    if swap_source is not None:
-        return _reference.disent_head(*args, swap_source=swap_source, **kwargs)
-    return _fused_head(*args, **kwargs)
-
-
-def _fused_head(*tensors, lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
+def disent_head(*tensors, lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
                 q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
-                gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    # float32 CPU steps: the compiled head (`numba_head`); other dtypes and a gather: this one.
-    function = NumbaHeadFunction if numba_head.usable(*tensors[:6], *tensors[8:12], gather) \
-        else DisentHeadFunction
-    loss, acc = function.apply(*tensors, lambda_dis, lambda_swap_b, lambda_swap, q, alpha,
-                               gce_form, gather)
+                gather: Gather = None, weigh: Callable = sample_weights
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Return the DisEnt loss (scalar) and detached statistics for one step, with the arguments
+    and contract of ``reference.disent_head`` (no ``swap_source``: `dfa_fast.ops` sends a swap
+    across ranks to the reference); ``weigh`` is the `sample_weights` implementation to use."""
+    loss, acc = DisentHeadFunction.apply(*tensors, lambda_dis, lambda_swap_b, lambda_swap, q,
+                                         alpha, gce_form, gather, weigh)
     return loss, dict(zip(STAT_NAMES, acc.unbind()))
-
-
-def lff_head(*args, **kwargs):
-    """`reference.lff_head` with the EMA update and weights of `numba_weighting`."""
-    return _reference.lff_head(*args, weigh=sample_weights, **kwargs)
-
-
-__all__ = ["cross_entropy", "gce", "sample_weights", "weighted_cross_entropy", "permute_concat",
-           "disent_head", "lff_head"]

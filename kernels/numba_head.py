@@ -319,3 +319,13 @@ class NumbaHeadFunction(torch.autograd.Function):
         _backward(grad.numpy(), float(grad_loss), _floats(z_i), _floats(z_b), perm, swap,
                   _floats(weight_i), _floats(weight_b), *(t.numpy() for t in outs))
         return tuple(outs) + (None,) * 15
+
+
+def disent_head(*tensors, lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
+                q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
+                gather=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Return the DisEnt loss (scalar) and detached statistics for one step, with the arguments
+    and contract of ``reference.disent_head``, for the calls `usable` accepts."""
+    loss, acc = NumbaHeadFunction.apply(*tensors, lambda_dis, lambda_swap_b, lambda_swap, q,
+                                        alpha, gce_form, gather)
+    return loss, dict(zip(_reference.STAT_NAMES, acc.unbind()))

@@ -18,7 +18,7 @@ reference's bit for bit (the tests compare them):
    is the same bit for bit;
 4. W = e_b / (e_b + e_i + eps) for the batch's samples.
 
-Only for CPU tensors; `sample_weights` hands tensors on other devices to the reference.
+Only for the CPU buffers of `takes`; `dfa_fast.ops` sends others to the reference.
 """
 from __future__ import annotations
 
@@ -138,8 +138,8 @@ def sample_weights(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
                    gather: Gather = None) -> torch.Tensor:
     """`reference.sample_weights` (same arguments, values and in-place updates) in one call."""
     if not takes(ema_i, ema_b, seen, labels):
-        return _reference.sample_weights(ema_i, ema_b, seen, labels, num_classes, index, label,
-                                         ce_i, ce_b, alpha, gather)
+        raise ValueError("numba_weighting.sample_weights takes contiguous CPU float32 EMA "
+                         "buffers, bool flags and int64 labels of one length (see `takes`)")
     upd_index, upd_i, upd_b = index, ce_i.detach(), ce_b.detach()
     if gather is not None:
         upd_index, upd_i, upd_b = gather(upd_index, upd_i, upd_b)

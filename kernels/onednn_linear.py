@@ -13,15 +13,13 @@ from MKL's, as between any two BLAS libraries.
 
 `usable` says when it applies: float32 CPU tensors outside autocast (bfloat16 autocast already runs
 its products through oneDNN), PyTorch built with oneDNN and its ``_linear_pointwise`` operator
-present, and `dfa_fast.ops.backend` (the one switch of the implementations) not choosing the
-PyTorch reference (``DFA_KERNELS=torch``).
+present. `dfa_fast.ops` (the one place that chooses) uses it where `usable` holds and no other
+backend is forced.
 """
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
-
-from dfa_fast import ops
 
 
 def _operator():
@@ -54,7 +52,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Return whether `linear_relu` computes ``relu(linear(x, weight, bias))`` for these tensors."""
     return (_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.dim() == 2
-            and not torch.is_autocast_enabled("cpu") and ops.backend(x) != "torch")
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def product(a: torch.Tensor, b: torch.Tensor, bias=None, relu: bool = False) -> torch.Tensor:

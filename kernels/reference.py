@@ -30,6 +30,8 @@ WEIGHT_EPS = 1e-8
 MAX_FLOOR = 1e-30
 
 GCE_FORMS = ("reference", "textbook")
+# The statistics a DisEnt head returns, in this order (loss_swap only with a swap).
+STAT_NAMES = ("ce_i", "gce_b", "weight", "loss_dis", "loss_swap")
 
 # gather(index, ce_i, ce_b) -> (index, ce_i, ce_b) of the global batch; identity in one process.
 Gather = Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor],

@@ -15,22 +15,13 @@ compare the two. Launches per call (forward / backward):
 None of them synchronises with the host, so a training step built on them can be captured by CUDA
 graphs (the EMA scratch is allocated on the first call: make it a warm-up step).
 
-A swap across data-parallel ranks (``disent_head(..., swap_source=...)``, whose permutation picks
-rows of the whole global batch) runs the PyTorch reference: the fused head permutes within its own
-rows only.
+The fused head permutes within its own rows only: `dfa_fast.ops` sends a swap across data-parallel
+ranks (``swap_source``, a permutation over the whole global batch) to the PyTorch reference.
 """
-from . import head as _head
-from . import reference as _reference
 from .gce import cross_entropy, gce
+from .head import disent_head
 from .permute_concat import permute_concat
 from .weighting import lff_head, sample_weights, weighted_cross_entropy
-
-
-def disent_head(*args, swap_source=None, **kwargs):
-    """The fused DisEnt head (`head.disent_head`); the reference when ``swap_source`` is given."""
-    if swap_source is not None:
-        return _reference.disent_head(*args, swap_source=swap_source, **kwargs)
-    return _head.disent_head(*args, **kwargs)
 
 __all__ = ["cross_entropy", "gce", "sample_weights", "weighted_cross_entropy", "permute_concat",
            "disent_head", "lff_head"]

@@ -166,15 +166,22 @@ def test_out_of_range_indices_raise_instead_of_writing_outside_the_buffers(bad):
                                        0.7)
 
 
-def test_buffers_it_cannot_take_go_to_the_reference():
+def test_buffers_it_cannot_take_go_to_the_reference(monkeypatch):
+    from dfa_fast import ops
+    monkeypatch.delenv("DFA_KERNELS", raising=False)
     gen = torch.Generator().manual_seed(5)
     ema_i, ema_b, seen, labels = random_state(400, 10, gen)
     wide = torch.stack([ema_i, ema_i], 1)  # a strided view of the buffer
     index = torch.randperm(200, generator=gen)[:32]
     ce = torch.rand(32, generator=gen)
     kept, kept_b, kept_seen = wide.clone(), ema_b.clone(), seen.clone()
-    got = numba_weighting.sample_weights(wide[:200, 0], ema_b[:200], seen[:200], labels[:200],
-                                         10, index, labels[index], ce, ce, 0.7)
+    call = (wide[:200, 0], ema_b[:200], seen[:200], labels[:200], 10, index, labels[index], ce,
+            ce, 0.7)
+    # The kernel refuses them itself; the chooser hands them to the reference.
+    with pytest.raises(ValueError, match="contiguous CPU float32"):
+        numba_weighting.sample_weights(*call)
+    assert ops.choose("sample_weights", *call).name == "torch"
+    got = ops.sample_weights(*call)
     want = reference.sample_weights(kept[:200, 0], kept_b[:200], kept_seen[:200], labels[:200],
                                     10, index, labels[index], ce, ce, 0.7)
     assert torch.equal(got, want) and torch.equal(wide, kept) and torch.equal(ema_b, kept_b)

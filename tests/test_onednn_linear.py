@@ -66,8 +66,14 @@ def test_it_applies_only_to_float32_cpu_tensors_outside_autocast(monkeypatch):
     assert not onednn_linear.usable(x.to("meta"), weight)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not onednn_linear.usable(x, weight)
+    # The kernel does not read DFA_KERNELS; the chooser does.
+    from dfa_fast import ops
+    layers = [torch.nn.Linear(5, 3)]
+    monkeypatch.delenv("DFA_KERNELS", raising=False)
+    assert ops.choose("linear_relu_chain", x, layers).name == "onednn"
     monkeypatch.setenv("DFA_KERNELS", "torch")
-    assert not onednn_linear.usable(x, weight)
+    assert onednn_linear.usable(x, weight)
+    assert ops.choose("linear_relu_chain", x, layers).name == "torch"
 
 
 def _encoder_pair():
