@@ -28,7 +28,7 @@ from dfa_fast.config import load_preset  # noqa: E402
 from dfa_fast.errors import DfaError  # noqa: E402
 from dfa_fast.plot import plot_grid  # noqa: E402
 from dfa_fast.report import aggregate, find_summaries, markdown_table  # noqa: E402
-from dfa_fast.trainer import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE  # noqa: E402
+from dfa_fast.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE  # noqa: E402
 
 ARCHIVED = (SUMMARY_FILE, CONFIG_FILE, METRICS_FILE)
 

@@ -19,7 +19,7 @@ from common import write_results  # noqa: E402
 
 from dfa_fast.published import published  # noqa: E402
 from dfa_fast.report import run_preset, run_variant, saved_config  # noqa: E402
-from dfa_fast.trainer import METRICS_FILE  # noqa: E402
+from dfa_fast.run_dir import METRICS_FILE  # noqa: E402
 
 
 def row(run_dir: Path) -> dict:

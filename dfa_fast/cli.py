@@ -35,7 +35,8 @@ def _prepare_common(parser: argparse.ArgumentParser, ratios: str | None) -> None
 def _add_valid(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--valid-size", type=int, default=5000,
                         help="images held out of the training source for validation")
-    parser.add_argument("--valid-bias", choices=("balanced", "ratio"), default="balanced",
+    from dfa_fast.data.splits import VALID_BIAS_MODES
+    parser.add_argument("--valid-bias", choices=VALID_BIAS_MODES, default="balanced",
                         help="validation biases: uniform like test (default, so selection is "
                              "not noise) or at the training ratio (the published protocol)")
 

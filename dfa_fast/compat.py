@@ -14,7 +14,7 @@ the package touches these names.
 | `torch.ops.mkldnn._is_mkldnn_bf16_supported` | whether oneDNN runs bf16 natively | torch's rule read from /proc/cpuinfo |
 
 `kernels/onednn_linear.py` tests its own private operator (`torch.ops.mkldnn._linear_pointwise`)
-with a probe product and falls back to `F.linear`.
+with a probe product; where it is missing or differs, `dfa_fast.ops` runs the plain layers.
 """
 from __future__ import annotations
 

@@ -15,9 +15,21 @@ from typing import Any, Optional
 import yaml
 
 from dfa_fast.errors import DfaError
+from dfa_fast.kernels.reference import GCE_FORMS
 
 DATASETS = ("cmnist", "cifar10c", "bffhq")
-METHODS = ("vanilla", "lff", "disent")
+# The method names a config accepts: the built-in ones, and those `methods.register` adds (with the
+# preset settings they get where a preset does not name them: `EXTRA_METHODS`).
+METHODS = ["vanilla", "lff", "disent"]
+EXTRA_METHODS: dict[str, dict] = {}
+
+
+def add_method(name: str, settings: Optional[dict] = None) -> None:
+    """Accept the method ``name`` in configs; a preset without a ``methods:`` entry for it gives
+    it ``settings`` (config sections over the preset's base; by default none)."""
+    if name not in METHODS:
+        METHODS.append(name)
+    EXTRA_METHODS[name] = settings or {}
 SCHEDULES = ("step", "cosine", "linear")
 PRESETS = Path(__file__).parent / "presets"
 
@@ -91,8 +103,8 @@ class MethodConfig:
     swap_start: int = 10000       # feature swapping from steps strictly greater than this
 
     def __post_init__(self):
-        _choice("method.name", self.name, METHODS)
-        _choice("method.gce_form", self.gce_form, ("reference", "textbook"))
+        _choice("method.name", self.name, tuple(METHODS))
+        _choice("method.gce_form", self.gce_form, GCE_FORMS)
         if not 0 < self.q <= 1:
             raise DfaError(f"method.q={self.q!r} is not valid; expected 0 < q <= 1")
         if not 0 <= self.ema_alpha < 1:
@@ -315,10 +327,11 @@ def check_selection(preset: str, ratio_pct: float, method: str) -> dict:
     if key not in ratios:
         raise DfaError(f"preset {preset} has no ratio {key}%; available: "
                        f"{', '.join(ratios)}")
-    if method not in spec.get("methods", {}):
+    methods = {**EXTRA_METHODS, **spec.get("methods", {})}
+    if method not in methods:
         raise DfaError(f"preset {preset} has no method {method!r}; available: "
-                       f"{', '.join(spec.get('methods', {}))}")
-    return spec
+                       f"{', '.join(methods)}")
+    return {**spec, "methods": methods}
 
 
 def resolve(preset: str, ratio_pct: float, method: str,

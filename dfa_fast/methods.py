@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dfa_fast import ops, schedule
+from dfa_fast import config, ops, schedule
 from dfa_fast.config import RunConfig
 from dfa_fast.distributed import global_swap, rank_and_world
 from dfa_fast.data.loaders import Batch
@@ -58,6 +58,12 @@ class Method:
                ) -> None:
         """Give the method the labels of every training sample (the EMA methods need them) and
         their biases (for the logged weight statistics)."""
+
+    def distribute(self, gather) -> None:
+        """Run data-parallel: ``gather(index, ce_i, ce_b)`` returns the global batch's, so that
+        every rank applies the same EMA update (`distributed.all_gather_batch`)."""
+        if self.ema is not None:
+            self.ema.gather = gather
 
     def log_stats(self) -> dict:
         """Return statistics of the method's state for the training log (floats; may read the
@@ -171,6 +177,18 @@ class DisEnt(_EMAMethod):
 
 
 METHODS = {cls.name: cls for cls in (Vanilla, LfF, DisEnt)}
+
+
+def register(cls: type, settings: Optional[dict] = None) -> type:
+    """Add a `Method` subclass under ``cls.name`` (usable as a decorator): `train --method NAME`
+    and every preset accept it, a preset without a ``methods:`` entry for it giving it
+    ``settings`` (config sections, e.g. ``{"method": {"q": 0.8}}``) over its base (docs/design.md,
+    "Where to add a method")."""
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or cls.name == Method.name:
+        raise TypeError(f"register takes a Method subclass with its own name, not {cls!r}")
+    METHODS[cls.name] = cls
+    config.add_method(cls.name, settings)
+    return cls
 
 
 def build_method(cfg: RunConfig, num_classes: int, device: torch.device) -> Method:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from dfa_fast.errors import DfaError
 from dfa_fast.published import published
-from dfa_fast.trainer import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from dfa_fast.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 FORMATS = (".png", ".svg", ".pdf")
 GROUPS = ("unbiased", "aligned", "conflicting")

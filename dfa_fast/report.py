@@ -13,7 +13,8 @@ import numpy as np
 from dfa_fast import config
 from dfa_fast.errors import DfaError
 from dfa_fast.published import published
-from dfa_fast.trainer import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, headline
+from dfa_fast.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from dfa_fast.trainer import headline
 
 METHOD_ORDER = {"vanilla": 0, "lff": 1, "disent": 2}
 # Config keys that say where a run read its data, how it was watched and on how many cores, not

@@ -17,12 +17,11 @@ import numpy as np
 from dfa_fast.data.beton import refuse_existing, write_splits
 from dfa_fast.data.corruptions import CORRUPTION_TYPES, LEVELS, corrupt
 from dfa_fast.data.sources import load_cifar10
-from dfa_fast.data.splits import (balanced_biases, conflicting_biases, ratio_key, ratio_tag,
-                                  rng_for)
+from dfa_fast.data.splits import (balanced_biases, check_valid_bias, conflicting_biases,
+                                  ratio_key, ratio_tag, rng_for)
 from dfa_fast.errors import DfaError
 
 NUM_CLASSES = 10
-VALID_BIAS_MODES = ("balanced", "ratio")
 _HOLDOUT, _TEST, _VALID, _TRAIN, _CORRUPT = 0, 1, 2, 3, 4
 _SOURCE_TRAIN, _SOURCE_TEST = 0, 1
 
@@ -79,9 +78,7 @@ def build_cifar10c(src: Path | str, out: Path | str, ratios: list[float], *, see
                        f"{tuple(CORRUPTION_TYPES)}")
     if level not in LEVELS:
         raise DfaError(f"corruption level {level} out of range; expected one of {LEVELS}")
-    if valid_bias not in VALID_BIAS_MODES:
-        raise DfaError(f"unknown valid bias mode {valid_bias!r}; expected one of "
-                       f"{VALID_BIAS_MODES}")
+    check_valid_bias(valid_bias)
     out = Path(out)
     folders = [out / ratio_tag(r) for r in ratios]
     refuse_existing(folders, overwrite)

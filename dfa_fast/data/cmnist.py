@@ -13,8 +13,8 @@ import numpy as np
 
 from dfa_fast.data.beton import refuse_existing, write_splits
 from dfa_fast.data.sources import load_mnist
-from dfa_fast.data.splits import (balanced_biases, conflicting_biases, ratio_key, ratio_tag,
-                                  rng_for)
+from dfa_fast.data.splits import (balanced_biases, check_valid_bias, conflicting_biases,
+                                  ratio_key, ratio_tag, rng_for)
 from dfa_fast.errors import DfaError
 
 NUM_CLASSES = 10
@@ -27,7 +27,6 @@ LFF_PALETTE = np.array([
 # Ten fully saturated hues, evenly spaced: an easier, unambiguous colour bias.
 HUE_PALETTE = np.array([colorsys.hsv_to_rgb(k / NUM_CLASSES, 1.0, 1.0) for k in range(NUM_CLASSES)])
 PALETTES = {"lff": LFF_PALETTE, "hue": HUE_PALETTE}
-VALID_BIAS_MODES = ("balanced", "ratio")
 
 # Independent random streams of one build (see splits.rng_for).
 _HOLDOUT, _TEST, _VALID, _TRAIN = 0, 1, 2, 3
@@ -56,9 +55,7 @@ def build_cmnist(src: Path | str, out: Path | str, ratios: list[float], *, seed:
     """
     if palette not in PALETTES:
         raise DfaError(f"unknown palette {palette!r}; expected one of {tuple(PALETTES)}")
-    if valid_bias not in VALID_BIAS_MODES:
-        raise DfaError(f"unknown valid bias mode {valid_bias!r}; expected one of "
-                       f"{VALID_BIAS_MODES}")
+    check_valid_bias(valid_bias)
     if jitter_std < 0:
         raise DfaError(f"colour jitter std {jitter_std} is negative; expected >= 0")
     out = Path(out)

@@ -6,6 +6,15 @@ import numpy as np
 from dfa_fast.errors import DfaError
 
 PUBLISHED_RATIOS_PCT = (0.5, 1.0, 2.0, 5.0)
+# How a builder biases its valid split: uniformly like test, or at the training ratio (published).
+VALID_BIAS_MODES = ("balanced", "ratio")
+
+
+def check_valid_bias(valid_bias: str) -> None:
+    """Refuse an unknown valid bias mode with a one-line error."""
+    if valid_bias not in VALID_BIAS_MODES:
+        raise DfaError(f"unknown valid bias mode {valid_bias!r}; expected one of "
+                       f"{VALID_BIAS_MODES}")
 
 
 def parse_ratios(text: str | list) -> list[float]:
