@@ -40,13 +40,11 @@ class SampleLossEMA:
         every = torch.arange(len(self.labels), device=self.labels.device)
         w = ops.relative_difficulty(self.ema_i, self.ema_b, self.labels, every, self.labels,
                                     self.num_classes)
-        out = {}
-        for name, group in (("weight_aligned", self.aligned), ("weight_conflicting", ~self.aligned)):
-            mask = group & self.seen
-            count = int(mask.sum())
-            if count:
-                out[name] = float(w[mask].sum()) / count
-        return out
+        groups = torch.stack([self.aligned, ~self.aligned]) & self.seen  # (2, N)
+        (sum_a, sum_c), (n_a, n_c) = torch.stack([(groups * w).sum(1),
+                                                  groups.sum(1).to(w.dtype)]).tolist()  # one read
+        return {name: total / count for name, total, count in
+                (("weight_aligned", sum_a, n_a), ("weight_conflicting", sum_c, n_c)) if count}
 
     def state_dict(self) -> dict:
         """Return the buffers (CPU copies) for a checkpoint."""

@@ -20,6 +20,7 @@ also on CPU tensors, under ``TRITON_INTERPRET=1``, which the tests set), then th
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -171,16 +172,19 @@ TABLE: dict[str, tuple[Impl, ...]] = {
 }
 
 
-def choose(operation: str, *args, **kwargs) -> Impl:
-    """Return the implementation that computes ``operation(*args, **kwargs)``."""
-    forced = forced_backend()
+@functools.lru_cache(maxsize=None)
+def _candidates(operation: str, forced: str, cuda: bool) -> tuple[Impl, ...]:
     impls = TABLE[operation]
     if forced:  # the forced backend's implementations, then the reference
-        impls = [i for i in impls if i.backend == forced] + \
-            [i for i in impls if i.backend == "torch"]
-    elif not args[0].is_cuda:  # Triton's are for CUDA tensors unless forced
-        impls = [i for i in impls if i.backend != "triton"]
-    for impl in impls:
+        return tuple(i for i in impls if i.backend == forced) + \
+            tuple(i for i in impls if i.backend == "torch")
+    # Triton's are for CUDA tensors unless forced.
+    return impls if cuda else tuple(i for i in impls if i.backend != "triton")
+
+
+def choose(operation: str, *args, **kwargs) -> Impl:
+    """Return the implementation that computes ``operation(*args, **kwargs)``."""
+    for impl in _candidates(operation, forced_backend(), args[0].is_cuda):
         if impl.supports(*args, **kwargs):
             return impl
     raise RuntimeError(f"no implementation of {operation} supports this call")  # unreachable
@@ -243,10 +247,13 @@ def linear_relu_chain(x, layers):
     return _run("linear_relu_chain", x, layers)
 
 
+_EXAMPLE_BATCH = 8  # rows of the example calls' batch tensors (the EMA buffers have 32)
+
+
 def examples(device: str = "cpu") -> dict[str, tuple[tuple, dict]]:
     """Return small example calls of every operation (arguments, keyword arguments) on a device:
     what `describe` asks the table about."""
-    B, C, D, N = 8, 4, 6, 32
+    B, C, D, N = _EXAMPLE_BATCH, 4, 6, 32
     dev = torch.device(device)
     logits, target = torch.zeros(B, C, device=dev), torch.zeros(B, dtype=torch.int64, device=dev)
     z = torch.zeros(B, D, device=dev)
@@ -270,8 +277,9 @@ def examples(device: str = "cpu") -> dict[str, tuple[tuple, dict]]:
 
 
 def _cast(value, dtype):
+    # The batch's float tensors in ``dtype``; the EMA buffers stay float32, as in training.
     return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() \
-        and value.dim() and value.shape[0] == 8 else value
+        and value.dim() and value.shape[0] == _EXAMPLE_BATCH else value
 
 
 def describe(device: str = "cpu") -> list[dict]:

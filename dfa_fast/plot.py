@@ -108,13 +108,16 @@ def _check_out(out: Path) -> Path:
     return out
 
 
-def _save(fig, out: Path) -> Path:
+def _save(plt, fig, out: Path) -> Path:
+    """Lay the figure out, write it under a temporary name renamed to ``out``, close it."""
     partial = out.with_name(f".{out.name}.partial{out.suffix}")
     try:
+        fig.tight_layout()
         fig.savefig(partial, dpi=110, bbox_inches="tight")
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
+        plt.close(fig)
     return out
 
 
@@ -168,11 +171,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     if any(s["loss"] for s in series):
         ax_loss.set_yscale("log")
         ax_loss.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return _save(fig, out)
-    finally:
-        plt.close(fig)
+    return _save(plt, fig, out)
 
 
 def grid_series(rows: list[dict]) -> dict:
@@ -221,8 +220,4 @@ def plot_grid(rows: list[dict], out: Path) -> Path:
         ax.set_ylabel(f"test {metric} accuracy (%), valid-selected")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        return _save(fig, out)
-    finally:
-        plt.close(fig)
+    return _save(plt, fig, out)
