@@ -55,7 +55,7 @@ def archive_run(run_dir: Path, archived: Path) -> None:
 def run_command(args, ratio: str, method: str, seed: int, run_dir: Path) -> list[str]:
     """Return the `dfa-fast train` command of one grid cell (a resume if it was interrupted: from
     its last checkpoint, or over from step 0 when it stopped before the first)."""
-    common = ["--set", "train.progress=false", "--set", f"train.threads={args.threads}"]
+    common = ["--set", "train.progress=false", "--set", f"cpu.threads={args.threads}"]
     if (run_dir / "config.yaml").is_file():
         return [sys.executable, "-m", "dfa_fast", "train", "--resume", str(run_dir), *common]
     command = [sys.executable, "-m", "dfa_fast", "train", "--preset", args.preset, "--ratio",
@@ -150,7 +150,7 @@ def main() -> None:
               "last step, ratio-valid selected = the checkpoint a valid split at the training "
               "ratio would pick by plain accuracy (the published protocol's valid split; computed "
               "as (1 - r) x aligned + r x conflicting valid accuracy): the trap of selecting on "
-              "it. Arithmetic (train.precision as the runs resolved it): "
+              "it. Arithmetic (compute.precision as the runs resolved it): "
               f"{', '.join(sorted({p for row in rows for p in row['precisions']}))}.")
     changes = [f"`--set {o}`" for o in args.set] + ([f"`--steps {args.steps}`"] if args.steps
                                                      else [])

@@ -39,7 +39,7 @@ from common import write_results  # noqa: E402
 @torch.no_grad()
 def branch_stats(trainer, loader) -> dict:
     """Return the training-split statistics of a trainer's current model (percent; W in [0, 1])."""
-    from dfa_fast.kernels.reference import relative_difficulty
+    from dfa_fast.kernels.reference import LossState, relative_difficulty
     cfg, model = trainer.cfg, trainer.method.model
     columns: dict[str, list[torch.Tensor]] = {}
 
@@ -70,14 +70,13 @@ def branch_stats(trainer, loader) -> dict:
     index = data.pop("index").long()
     # W as in training, with the model's per-sample losses in place of the EMA buffers.
     rows = torch.arange(len(label))
-    data["weight"] = relative_difficulty(data.pop("loss_i"), data.pop("loss_b"), label, rows,
-                                         label, trainer.num_classes)
+    losses = LossState(data.pop("loss_i"), data.pop("loss_b"), torch.ones_like(label, dtype=bool),
+                       label, trainer.num_classes)
+    data["weight"] = relative_difficulty(losses, rows, label)
     ema = trainer.method.ema
     if ema is not None and bool(ema.seen.all()):  # W from the EMA, once every sample has a value
-        data["weight_ema"] = relative_difficulty(ema.ema_i, ema.ema_b, ema.labels,
-                                                 index.to(ema.labels.device),
-                                                 label.to(ema.labels.device),
-                                                 trainer.num_classes).cpu()
+        data["weight_ema"] = relative_difficulty(ema, index.to(ema.labels.device),
+                                                 label.to(ema.labels.device)).cpu()
     row = {"n_aligned": int((~conflicting).sum()), "n_conflicting": int(conflicting.sum())}
     for name, values in data.items():
         scale = 1.0 if name.startswith("weight") else 100.0
@@ -105,7 +104,8 @@ def trajectory(args, seed: int) -> list[dict]:
     from dfa_fast.trainer import Trainer, resolve_data_dir, split_loader
     overrides = config.parse_overrides(args.set)
     overrides.setdefault("data", {})["path"] = str(resolve_data_dir(args.data, args.ratio))
-    overrides.setdefault("train", {}).update(seed=seed, progress=False, threads=1)
+    overrides.setdefault("train", {}).update(seed=seed, progress=False)
+    overrides.setdefault("cpu", {}).update(threads=1)
     cfg = config.resolve(args.dataset, args.ratio, args.method, overrides)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

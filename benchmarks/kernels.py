@@ -41,6 +41,7 @@ PUBLISHED = [(256, 10, 16), (256, 10, 512), (64, 2, 512)]
 LARGE = (65536, 10, 512)
 PUBLISHED_N = 60000
 LAMBDAS = {"lambda_dis": 10.0, "lambda_swap_b": 10.0, "lambda_swap": 1.0}
+ALPHA = 0.7
 OPS = ("disent_head", "lff_head", "gce", "weighted_cross_entropy", "sample_weights",
        "permute_concat")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -87,6 +88,7 @@ def essential_bytes(op: str, B: int, C: int, D: int, N: int, itemsize: int) -> i
 def build_case(op, B, C, D, N, dtype, device, impl):
     """Return a zero-argument callable running one forward + backward of ``op`` with ``impl``."""
     import torch
+    from dfa_fast.kernels.reference import Linear, LossSettings, LossState, Swap
 
     def leaf(*shape, scale=1.0):
         return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_()
@@ -95,8 +97,10 @@ def build_case(op, B, C, D, N, dtype, device, impl):
     labels = torch.randint(0, C, (N,), device=device)
     index = torch.randperm(N, device=device)[:B]
     labels[index] = label
-    ema = [torch.rand(N, device=device), torch.rand(N, device=device),
-           torch.ones(N, dtype=torch.bool, device=device), labels]
+    # One loss state for every call, as in training (its EMAs move from call to call).
+    state = LossState(torch.rand(N, device=device), torch.rand(N, device=device),
+                      torch.ones(N, dtype=torch.bool, device=device), labels, C, ALPHA)
+    settings = LossSettings(**LAMBDAS)
     if op == "gce":
         logits = leaf(B, C, scale=3.0)
         upstream = torch.ones(B, device=device)
@@ -108,7 +112,7 @@ def build_case(op, B, C, D, N, dtype, device, impl):
                                            logits)
     if op == "sample_weights":
         ce_i, ce_b = torch.rand(B, device=device), torch.rand(B, device=device)
-        return lambda: impl.sample_weights(*ema, C, index, label, ce_i, ce_b, 0.7)
+        return lambda: impl.sample_weights(state, index, label, ce_i, ce_b)
     if op == "permute_concat":
         z_i, z_b = leaf(B, D), leaf(B, D)
         perm = torch.randperm(B, device=device)
@@ -117,14 +121,17 @@ def build_case(op, B, C, D, N, dtype, device, impl):
                                            grads)
     if op == "lff_head":
         logits = [leaf(B, C, scale=3.0), leaf(B, C, scale=3.0)]
-        return lambda: torch.autograd.grad(impl.lff_head(*logits, label, index, *ema, C)[0],
-                                           logits)
+        return lambda: torch.autograd.grad(
+            impl.lff_head(*logits, label, index, state, settings)[0], logits)
     if op == "disent_head":
         params = [leaf(B, D), leaf(B, D), leaf(C, 2 * D, scale=(2 * D) ** -0.5), leaf(C),
                   leaf(C, 2 * D, scale=(2 * D) ** -0.5), leaf(C)]
-        perm = torch.randperm(B, device=device)
+        z_i, z_b, weight_i, bias_i, weight_b, bias_b = params
+        fc_i, fc_b = Linear(weight_i, bias_i), Linear(weight_b, bias_b)
+        swap = Swap(torch.randperm(B, device=device))
         return lambda: torch.autograd.grad(
-            impl.disent_head(*params, label, index, *ema, C, perm, **LAMBDAS)[0], params)
+            impl.disent_head(z_i, z_b, label, index, fc_i, fc_b, state, swap, settings)[0],
+            params)
     raise ValueError(op)
 
 

@@ -92,7 +92,7 @@ def train_command(workload: str, data: Path, out: Path, steps: int, precision: s
     return [sys.executable, "-m", "dfa_fast", "train", "--preset", preset, "--ratio", ratio,
             "--method", "disent", "--data", str(data), "--out", str(out), "--steps", str(steps),
             "--set", "train.schedule_length=0", "--set", "method.swap_start=0",
-            "--set", f"train.precision={precision}", "--set", f"train.threads={threads}",
+            "--set", f"compute.precision={precision}", "--set", f"cpu.threads={threads}",
             "--set", "train.log_every=10", "--set", f"train.eval_every={10 ** 9}",
             "--set", f"train.ckpt_every={10 ** 9}", "--set", "train.progress=false"]
 

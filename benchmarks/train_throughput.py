@@ -5,7 +5,7 @@ The naive loop (written here) reads PNG files in the published DisEnt layout thr
 DataLoader, keeps two models with two Adam optimizers, finds the class-wise maximum of the loss EMA
 with a Python loop over classes, draws the swap permutation with NumPy and calls `.item()` on the
 losses every step. dfa-fast runs its real trainer (FFCV, DeepSpeed engine, device-side EMA), in
-fp32 and, where the CPU multiplies bf16 natively, with ``train.precision=bf16_mixed``.
+fp32 and, where the CPU multiplies bf16 natively, with ``compute.precision=bf16_mixed``.
 
     python benchmarks/train_throughput.py --data data/cmnist/1pct [--full-run-summary RUN/summary.json]
     python benchmarks/train_throughput.py --device cuda --json OUT/train_throughput_gpu.json
@@ -14,7 +14,7 @@ Writes benchmarks/results/train_throughput.{json,md} (or ``--json PATH``). ``ful
 the wall time of a whole published run (50,000 steps, 101 evaluations) taken from that run's
 summary.json. On a GPU (``--device cuda``) it times dfa-fast with the Triton kernels and with the
 PyTorch reference ops (``DFA_KERNELS=torch``), and with the kernels under
-``train.precision=bf16_mixed``; the naive loop is a CPU baseline only. Without a
+``compute.precision=bf16_mixed``; the naive loop is a CPU baseline only. Without a
 prepared ``--data`` folder it builds Colored MNIST 1% from the embedded MNIST files first.
 """
 from __future__ import annotations
@@ -195,9 +195,9 @@ def run_dfa_fast(data: Path, steps: int, device: str = "cpu", precision: str = "
     from dfa_fast.trainer import Trainer
     cfg = config.resolve("cmnist", 1, "disent", {
         "data": {"path": str(data)},
-        "train": {"steps": steps, "eval_every": 10 ** 9, "log_every": 250, "device": device,
-                  "ckpt_every": 10 ** 9, "progress": False, "threads": 1,
-                  "precision": precision},
+        "train": {"steps": steps, "eval_every": 10 ** 9, "log_every": 250,
+                  "ckpt_every": 10 ** 9, "progress": False},
+        "compute": {"device": device, "precision": precision}, "cpu": {"threads": 1},
         "method": {"swap_start": 0}})
     with tempfile.TemporaryDirectory() as run_dir:
         Trainer(cfg, Path(run_dir) / "run").run()
@@ -248,8 +248,8 @@ def full_run(summary_path: Path, precision: str) -> dict:
     except (OSError, ValueError) as err:
         raise SystemExit(f"{summary_path}: not a finished run ({err})") from None
     found = {"dataset": cfg.data.dataset, "method": cfg.method.name, "steps": cfg.train.steps,
-             "eval_every": cfg.train.eval_every, "threads": cfg.train.threads,
-             "precision": cfg.train.precision,
+             "eval_every": cfg.train.eval_every, "threads": cfg.cpu.threads,
+             "precision": cfg.compute.precision,
              "device": summary.get("environment", {}).get("device")}
     wanted = {"dataset": "cmnist", "method": "disent", "steps": 50_000, "eval_every": 500,
               "threads": 1, "precision": precision, "device": "cpu"}
@@ -273,8 +273,9 @@ def main() -> None:
     parser.add_argument("--full-run-summary", type=Path,
                         help="summary.json of a full 50,000-step DisEnt preset run")
     parser.add_argument("--bf16-full-run-summary", type=Path,
-                        help="summary.json of the same run with --set train.precision=bf16_mixed")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+                        help="summary.json of the same run with --set compute.precision=bf16_mixed")
+    from dfa_fast.config import DEVICES
+    parser.add_argument("--device", choices=[d for d in DEVICES if d != "auto"], default="cpu")
     parser.add_argument("--json", type=Path, help="write the JSON here (GPU kit) instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -335,7 +336,7 @@ def main() -> None:
               "dfa_fast_data_share": ours["data_share"],
               "malloc_keeps_freed_memory": kept,
               "goal": "dfa-fast at least 5x the naive loop; a full run at most 12 minutes"}
-    if mixed:  # the same step with train.precision=bf16_mixed (fp32 weights, bf16 products)
+    if mixed:  # the same step with compute.precision=bf16_mixed (fp32 weights, bf16 products)
         result.update(dfa_fast_bf16_mixed_images_per_s=mixed["images_per_s"],
                       dfa_fast_bf16_mixed_step_ms=mixed["step_ms"],
                       speedup_bf16_mixed=mixed["images_per_s"] / naive)
@@ -346,7 +347,7 @@ def main() -> None:
         return (f"{result[prefix + 'full_run_seconds'] / 60:.1f} min "
                 f"({result[prefix + 'full_run_steps']} steps)"
                 if prefix + "full_run_seconds" in result else "not measured")
-    mixed_row = (f"| dfa-fast, `train.precision=bf16_mixed` (bf16 products, fp32 weights and "
+    mixed_row = (f"| dfa-fast, `compute.precision=bf16_mixed` (bf16 products, fp32 weights and "
                  f"losses) | {mixed['images_per_s']:.0f} | {mixed['step_ms']:.2f} |\n"
                  if mixed else "")
     table = ("| Colored MNIST DisEnt, batch 256, 1 CPU thread | images/s | step (ms) |\n"

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = kinds.add_parser("folder", help="a data set in the published DisEnt folder layout")
     _prepare_common(p, None)
+    # config.DATASETS (not imported here: config imports torch, 1.4 s; a test keeps them equal)
     p.add_argument("--dataset", required=True, choices=("cmnist", "cifar10c", "bffhq"))
     p.add_argument("--jpeg-quality", type=int, default=90)
 
@@ -161,12 +162,7 @@ def train_config(args: argparse.Namespace):
             else None
         if saved is None:
             raise DfaError(f"{args.resume}: no config.yaml; expected a run directory")
-        merged = saved.to_dict()
-        for section, values in overrides.items():
-            if section not in merged:
-                raise DfaError(f"unknown config section {section!r}")
-            merged[section].update(values)
-        return config.from_dict(merged, where="--set")
+        return config.override(saved, overrides, where="--set")
     missing = [flag for flag, value in (("--preset", args.preset), ("--ratio", args.ratio),
                                         ("--method", args.method), ("--data", args.data),
                                         ("--out", args.out)) if value is None]

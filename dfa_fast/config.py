@@ -2,7 +2,13 @@
 
 A run is resolved as: preset base <- method section <- ratio section <- (method, ratio) section <-
 ``--set section.key=value`` overrides. Unknown keys and bad values are errors that name the key and
-what was expected. The resolved config is saved in every run directory (`config.yaml`).
+what was expected; checks across keys are `validate`'s. The resolved config is saved in every run
+directory (`config.yaml`).
+
+Sections: ``data``, ``model``, ``method``, ``optim``, ``train`` (the loop), ``compute`` (device and
+number format), ``parallel`` (data parallelism) and ``cpu`` (CPU tuning). The keys that moved out
+of ``train`` when it was split (`MOVED_KEYS`) are still read under their old names, from saved runs,
+presets and ``--set`` alike (`translate`).
 """
 from __future__ import annotations
 
@@ -17,11 +23,25 @@ import yaml
 from dfa_fast.errors import DfaError
 from dfa_fast.kernels.reference import GCE_FORMS
 
+# The choices of every key that has a fixed list: defined here once, used everywhere.
 DATASETS = ("cmnist", "cifar10c", "bffhq")
+# The built-in methods (dfa_fast/methods.py implements exactly these).
+BUILTIN_METHODS = ("vanilla", "lff", "disent")
 # The method names a config accepts: the built-in ones, and those `methods.register` adds (with the
 # preset settings they get where a preset does not name them: `EXTRA_METHODS`).
-METHODS = ["vanilla", "lff", "disent"]
+METHODS = list(BUILTIN_METHODS)
 EXTRA_METHODS: dict[str, dict] = {}
+TRAIN_ORDERS = ("random", "quasi_random")  # FFCV's orders for training (data.order)
+NORMALIZATIONS = ("none", "cifar")
+ARCHS = ("mlp", "resnet18")
+STEMS = ("imagenet", "cifar")
+SCHEDULES = ("step", "cosine", "linear")
+REPORT_METRICS = ("unbiased", "conflicting")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16_mixed", "auto")
+ZERO_STAGES = (0, 1, 2)
+# (method.gce_form's GCE_FORMS is the kernels' reference definition, imported above.)
+PRESETS = Path(__file__).parent / "presets"
 
 
 def add_method(name: str, settings: Optional[dict] = None) -> None:
@@ -30,8 +50,6 @@ def add_method(name: str, settings: Optional[dict] = None) -> None:
     if name not in METHODS:
         METHODS.append(name)
     EXTRA_METHODS[name] = settings or {}
-SCHEDULES = ("step", "cosine", "linear")
-PRESETS = Path(__file__).parent / "presets"
 
 
 def _choice(name: str, value: Any, options: tuple) -> None:
@@ -44,8 +62,6 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise DfaError(f"{name}={value!r} is not valid; expected a {'non-negative' if allow_zero else 'positive'} number")
 
 
-TRAIN_ORDERS = ("random", "quasi_random")  # FFCV's orders for training (data.order)
-
 
 @dataclass
 class DataConfig:
@@ -57,7 +73,7 @@ class DataConfig:
     eval_batch_size: int = 1024   # images per evaluation batch and rank
     num_workers: int = 1          # FFCV decoding threads (clamped to the usable cores)
     loader_process: bool = True   # CPU runs: the train loader in a child process (no GIL contention)
-    order: str = "random"         # random | quasi_random (single process only)
+    order: str = "random"         # random | quasi_random (one rank only)
     crop_padding: int = 0         # random crop with this zero padding (0 = no crop)
     flip: bool = False            # random horizontal flip
     resize: int = 0               # resize to resize x resize first (0 = keep)
@@ -69,7 +85,7 @@ class DataConfig:
     def __post_init__(self):
         _choice("data.dataset", self.dataset, DATASETS)
         _choice("data.order", self.order, TRAIN_ORDERS)
-        _choice("data.normalize", self.normalize, ("none", "cifar"))
+        _choice("data.normalize", self.normalize, NORMALIZATIONS)
         for name in ("batch_size", "eval_batch_size"):
             _positive(f"data.{name}", getattr(self, name))
         _positive("data.ratio_pct", self.ratio_pct)
@@ -85,8 +101,8 @@ class ModelConfig:
     stem: str = "imagenet"        # resnet18 stem: imagenet (7x7 + max-pool, published) | cifar (3x3)
 
     def __post_init__(self):
-        _choice("model.arch", self.arch, ("mlp", "resnet18"))
-        _choice("model.stem", self.stem, ("imagenet", "cifar"))
+        _choice("model.arch", self.arch, ARCHS)
+        _choice("model.stem", self.stem, STEMS)
         _positive("model.input_scale", self.input_scale)
 
 
@@ -146,12 +162,9 @@ class OptimConfig:
                            f"optim.schedule={self.schedule} expected optim.lr_decay=false")
 
 
-PRECISIONS = ("fp32", "bf16", "fp16", "bf16_mixed", "auto")
-
-
 @dataclass
 class TrainConfig:
-    """The loop: length, evaluation and logging cadence, device, precision, parallelism."""
+    """The loop: length, seed, evaluation, logging and checkpoint cadence, what is reported."""
     steps: int = 50000
     seed: int = 0
     eval_every: int = 500         # evaluate valid and test every this many steps (and at the end)
@@ -161,29 +174,52 @@ class TrainConfig:
     # for; they are scaled by steps / schedule_length (0 = taken as written). dfa_fast/schedule.py
     schedule_length: int = 0
     preset: str = ""              # the preset the config was resolved from (for `report`)
-    device: str = "auto"          # auto | cpu | cuda
-    threads: int = 1              # torch CPU threads per process
-    flush_denormal: bool = True   # flush subnormal floats to zero on the CPU (see trainer.py)
-    # fp32 | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | fp16 (GPU) | bf16_mixed (fp32
-    # weights and Adam; the networks' layers in bf16 through torch.autocast, losses in fp32) |
-    # auto (bf16_mixed where the device multiplies bf16 natively, else fp32; the run saves which)
-    precision: str = "fp32"
-    zero_stage: int = 0           # DeepSpeed ZeRO stage 0, 1 or 2
-    grad_accum: int = 1           # micro-batches per optimizer step and rank
     report_metric: str = "unbiased"  # test metric of the tables: unbiased | conflicting (BFFHQ)
-    dist_timeout_s: int = 300     # a collective waiting longer fails (a rank died): no hang
     tensorboard: bool = False
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "eval_every", "log_every", "ckpt_every", "threads", "grad_accum",
-                     "dist_timeout_s"):
+        for name in ("steps", "eval_every", "log_every", "ckpt_every"):
             _positive(f"train.{name}", getattr(self, name))
         _positive("train.schedule_length", self.schedule_length, allow_zero=True)
-        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
-        _choice("train.precision", self.precision, PRECISIONS)
-        _choice("train.zero_stage", self.zero_stage, (0, 1, 2))
-        _choice("train.report_metric", self.report_metric, ("unbiased", "conflicting"))
+        _choice("train.report_metric", self.report_metric, REPORT_METRICS)
+
+
+@dataclass
+class ComputeConfig:
+    """Where a run computes and in which number format."""
+    device: str = "auto"          # auto (this rank's GPU if there is one, else the CPU) | cpu | cuda
+    # fp32 | bf16 (DeepSpeed: bf16 weights, fp32 master copy) | fp16 (GPU) | bf16_mixed (fp32
+    # weights and Adam; the networks' layers in bf16 through torch.autocast, losses in fp32) |
+    # auto (bf16_mixed where the device multiplies bf16 natively, else fp32; the run saves which)
+    precision: str = "fp32"
+
+    def __post_init__(self):
+        _choice("compute.device", self.device, DEVICES)
+        _choice("compute.precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class ParallelConfig:
+    """Data parallelism (DeepSpeed): how a step is split over ranks and micro-batches."""
+    zero_stage: int = 0           # DeepSpeed ZeRO stage 0, 1 or 2
+    grad_accum: int = 1           # micro-batches per optimizer step and rank
+    dist_timeout_s: int = 300     # a collective waiting longer fails (a rank died): no hang
+
+    def __post_init__(self):
+        for name in ("grad_accum", "dist_timeout_s"):
+            _positive(f"parallel.{name}", getattr(self, name))
+        _choice("parallel.zero_stage", self.zero_stage, ZERO_STAGES)
+
+
+@dataclass
+class CpuConfig:
+    """CPU tuning (no effect on what a GPU run computes)."""
+    threads: int = 1              # torch CPU threads per process
+    flush_denormal: bool = True   # flush subnormal floats to zero on the CPU (see trainer.py)
+
+    def __post_init__(self):
+        _positive("cpu.threads", self.threads)
 
 
 @dataclass
@@ -194,14 +230,85 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    cpu: CpuConfig = field(default_factory=CpuConfig)
+
+    def __post_init__(self):
+        validate(self)
 
     def to_dict(self) -> dict:
         """Return the config as plain nested dicts."""
         return dataclasses.asdict(self)
 
 
+def micro_batch(batch_size: int, world_size: int, grad_accum: int) -> int:
+    """Return the micro-batch of one rank (``batch_size`` split into ``world_size`` ranks x
+    ``grad_accum`` micro-batches), or raise if it does not split evenly."""
+    per_rank, rest = divmod(batch_size, world_size * grad_accum)
+    if rest or per_rank < 1:
+        raise DfaError(f"data.batch_size={batch_size} is not divisible into {world_size} "
+                       f"rank(s) x parallel.grad_accum={grad_accum} micro-batches")
+    return per_rank
+
+
+def validate(cfg: RunConfig, world_size: int = 1, device_type: Optional[str] = None) -> RunConfig:
+    """Return ``cfg`` after the checks that span several keys; raise a one-line error otherwise.
+
+    Every RunConfig runs them for one rank and its configured device; the trainer runs them again
+    with the job's number of ranks and the device it resolved (``compute.device=auto``). The
+    checks within one key are the sections' own (``__post_init__``)."""
+    if device_type is None and cfg.compute.device != "auto":
+        device_type = cfg.compute.device
+    micro_batch(cfg.data.batch_size, world_size, cfg.parallel.grad_accum)
+    if cfg.data.order == "quasi_random" and world_size > 1:
+        raise DfaError(f"data.order=quasi_random is not supported with {world_size} ranks (FFCV "
+                       "cannot split it across ranks); use data.order=random")
+    if cfg.compute.precision == "fp16" and device_type == "cpu":
+        raise DfaError("compute.precision=fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling); "
+                       "on a CPU use fp32, bf16_mixed or auto")
+    return cfg
+
+
+# Keys that moved out of `train` when it was split into train, compute, parallel and cpu: old
+# (section, key) -> new. Saved runs, presets and --set overrides may use either name (`translate`).
+MOVED_KEYS = {
+    ("train", "device"): ("compute", "device"),
+    ("train", "precision"): ("compute", "precision"),
+    ("train", "zero_stage"): ("parallel", "zero_stage"),
+    ("train", "grad_accum"): ("parallel", "grad_accum"),
+    ("train", "dist_timeout_s"): ("parallel", "dist_timeout_s"),
+    ("train", "threads"): ("cpu", "threads"),
+    ("train", "flush_denormal"): ("cpu", "flush_denormal"),
+}
+
+
+def translate(data: Optional[dict], where: str = "config") -> dict:
+    """Return a copy of nested config dicts with every moved key under its new name (`MOVED_KEYS`).
+
+    A key given under both names must have one value (else an error naming both); anything else
+    (unknown keys, a section that is not a mapping) is left for `check_keys` to report."""
+    out = {section: dict(values) if isinstance(values, dict) else values
+           for section, values in (data or {}).items()}
+    for (old_section, old_key), (new_section, new_key) in MOVED_KEYS.items():
+        source, target = out.get(old_section), out.get(new_section)
+        if not isinstance(source, dict) or old_key not in source or \
+                not isinstance(target, (dict, type(None))):
+            continue
+        value = source.pop(old_key)
+        target = out[new_section] = {} if target is None else target
+        if new_key in target and target[new_key] != value:
+            raise DfaError(f"{where}: {old_section}.{old_key}={value!r} and "
+                           f"{new_section}.{new_key}={target[new_key]!r} are one setting "
+                           f"({old_section}.{old_key} is the old name of {new_section}.{new_key}); "
+                           "give it once")
+        target[new_key] = value
+    return out
+
+
 # Fields that may differ when a run is resumed: how long it runs, how it is displayed, and
-# whether the CPU loader runs in a child process.
+# whether the CPU loader runs in a child process (new key names: an old saved config is read into
+# the new sections before it is compared).
 RESUMABLE_CHANGES = {("train", "steps"), ("train", "progress"), ("train", "tensorboard"),
                      ("data", "loader_process")}  # the same batches either way
 
@@ -235,8 +342,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
 
 
 def _merge(base: dict, update: dict, where: str) -> dict:
-    merged = dict(base)
-    for section, values in (update or {}).items():
+    merged = translate(base, where)
+    for section, values in translate(update, where).items():
         if not isinstance(values, dict):
             raise DfaError(f"{where}: section {section!r} must be a mapping of keys to values")
         merged[section] = {**merged.get(section, {}), **values}
@@ -244,7 +351,9 @@ def _merge(base: dict, update: dict, where: str) -> dict:
 
 
 def check_keys(data: dict, where: str) -> dict:
-    """Raise on an unknown section or key of nested config dicts; return RunConfig's type hints."""
+    """Raise on an unknown section or key of nested config dicts (moved keys are read under their
+    old names too: `translate`); return RunConfig's type hints."""
+    data = translate(data, where)
     hints = typing.get_type_hints(RunConfig)
     for section, values in data.items():
         if section not in hints:
@@ -261,7 +370,10 @@ def check_keys(data: dict, where: str) -> dict:
 
 
 def from_dict(data: dict, where: str = "config") -> RunConfig:
-    """Return the RunConfig of nested dicts; unknown sections/keys and bad values are errors."""
+    """Return the RunConfig of nested dicts; unknown sections/keys and bad values are errors.
+
+    Keys under their old names (a run saved before `train` was split) are read (`translate`)."""
+    data = translate(data, where)
     hints = check_keys(data, where)
     sections = {}
     for section, values in data.items():
@@ -269,6 +381,12 @@ def from_dict(data: dict, where: str = "config") -> RunConfig:
         sections[section] = hints[section](**{k: _coerce(f"{section}.{k}", v, fields[k])
                                               for k, v in (values or {}).items()})
     return RunConfig(**sections)
+
+
+def override(cfg: RunConfig, overrides: dict, where: str = "--set") -> RunConfig:
+    """Return ``cfg`` with nested-dict ``overrides`` (old key names read too) applied and checked."""
+    check_keys(overrides, where)
+    return from_dict(_merge(cfg.to_dict(), overrides, where), where=where)
 
 
 def parse_overrides(items: list[str]) -> dict:

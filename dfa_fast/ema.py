@@ -7,29 +7,25 @@ and the buffers stay equal to a single process's.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from dfa_fast import ops
+from dfa_fast.kernels.reference import LossState
 
 
-class SampleLossEMA:
-    """Per-sample loss EMAs of two branches over the whole training split."""
+class SampleLossEMA(LossState):
+    """Per-sample loss EMAs of two branches over the whole training split (the `LossState` the
+    heads take), with the checkpoint and log views of it."""
 
     def __init__(self, labels: torch.Tensor, num_classes: int, alpha: float,
                  device: torch.device, biases: Optional[torch.Tensor] = None):
-        self.labels = labels.to(device=device, dtype=torch.int64)
+        fresh = LossState.zeros(labels, num_classes, alpha, device)
+        super().__init__(fresh.ema_i, fresh.ema_b, fresh.seen, fresh.labels, num_classes, alpha)
         # Which samples are bias-aligned (label == bias), for the logged weight statistics only.
         self.aligned = None if biases is None else \
             (self.labels == biases.to(device=device, dtype=torch.int64))
-        self.num_classes = num_classes
-        self.alpha = alpha
-        n = len(labels)
-        self.ema_i = torch.zeros(n, dtype=torch.float32, device=device)
-        self.ema_b = torch.zeros(n, dtype=torch.float32, device=device)
-        self.seen = torch.zeros(n, dtype=torch.bool, device=device)
-        self.gather: Optional[Callable] = None
 
     def group_weights(self) -> dict:
         """Return the mean weight W of the seen bias-aligned and bias-conflicting training samples,
@@ -38,8 +34,7 @@ class SampleLossEMA:
         if self.aligned is None:
             return {}
         every = torch.arange(len(self.labels), device=self.labels.device)
-        w = ops.relative_difficulty(self.ema_i, self.ema_b, self.labels, every, self.labels,
-                                    self.num_classes)
+        w = ops.relative_difficulty(self, every, self.labels)
         groups = torch.stack([self.aligned, ~self.aligned]) & self.seen  # (2, N)
         (sum_a, sum_c), (n_a, n_c) = torch.stack([(groups * w).sum(1),
                                                   groups.sum(1).to(w.dtype)]).tolist()  # one read
@@ -54,4 +49,4 @@ class SampleLossEMA:
         """Restore buffers saved by `state_dict`."""
         for name in ("ema_i", "ema_b", "seen"):
             getattr(self, name).copy_(state[name])
-
+        self.clear_cache()

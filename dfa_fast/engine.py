@@ -20,7 +20,7 @@ import torch
 
 from dfa_fast import compat
 from dfa_fast import schedule as schedule_mod
-from dfa_fast.config import RunConfig
+from dfa_fast.config import RunConfig, micro_batch
 from dfa_fast.errors import DfaError
 from dfa_fast.optim import Adam
 
@@ -38,7 +38,8 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise DfaError("train.device=cuda but no CUDA GPU is available; use train.device=cpu")
+            raise DfaError("compute.device=cuda but no CUDA GPU is available; use "
+                           "compute.device=cpu")
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
 
@@ -96,19 +97,16 @@ def world_size() -> int:
 
 def build_ds_config(cfg: RunConfig, world: int) -> dict:
     """Return the ds_config of a run on ``world`` ranks."""
-    t = cfg.train
-    per_rank, rest = divmod(cfg.data.batch_size, world * t.grad_accum)
-    if rest or per_rank < 1:
-        raise DfaError(f"data.batch_size={cfg.data.batch_size} is not divisible into {world} "
-                       f"rank(s) x train.grad_accum={t.grad_accum} micro-batches")
+    parallel, precision = cfg.parallel, cfg.compute.precision
     return {
         "train_batch_size": cfg.data.batch_size,
-        "train_micro_batch_size_per_gpu": per_rank,
-        "gradient_accumulation_steps": t.grad_accum,
+        "train_micro_batch_size_per_gpu": micro_batch(cfg.data.batch_size, world,
+                                                      parallel.grad_accum),
+        "gradient_accumulation_steps": parallel.grad_accum,
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
+        "zero_optimization": {"stage": parallel.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
         "dump_state": False,
@@ -125,13 +123,13 @@ def check_ds_config(given: dict, expected: dict, path: Path) -> None:
     for key, value in checks.items():
         if key in given and given[key] != value:
             raise DfaError(f"{path}: {key}={given[key]} but the run config needs {value} "
-                           "(data.batch_size, train.grad_accum and the number of ranks)")
+                           "(data.batch_size, parallel.grad_accum and the number of ranks)")
     for key in ("bf16", "fp16"):
         if bool(given.get(key, {}).get("enabled")) != expected[key]["enabled"]:
-            raise DfaError(f"{path}: {key}.enabled disagrees with train.precision")
+            raise DfaError(f"{path}: {key}.enabled disagrees with compute.precision")
     stage = given.get("zero_optimization", {}).get("stage", 0)
     if stage != expected["zero_optimization"]["stage"]:
-        raise DfaError(f"{path}: zero_optimization.stage={stage} but train.zero_stage="
+        raise DfaError(f"{path}: zero_optimization.stage={stage} but parallel.zero_stage="
                        f"{expected['zero_optimization']['stage']}")
     if "optimizer" in given or "scheduler" in given:
         raise DfaError(f"{path}: remove 'optimizer'/'scheduler'; dfa-fast passes plain Adam and "
@@ -158,17 +156,17 @@ def initialize(model: torch.nn.Module, cfg: RunConfig, ds_config: dict):
     import deepspeed
     if not torch.distributed.is_initialized():
         # A bounded timeout: if a rank dies, the others' collectives fail instead of waiting.
-        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+        deepspeed.init_distributed(timeout=timedelta(seconds=cfg.parallel.dist_timeout_s))
     # torch.optim.Adam's fused kernel (one pass over each parameter for the whole update, CPU
     # and CUDA), with a short step (`dfa_fast.optim`) where DeepSpeed steps it as given; ZeRO
     # accepts only its listed optimizer types (torch.optim.Adam itself) and steps its partitions.
-    kind = Adam if cfg.train.zero_stage == 0 else functools.partial(torch.optim.Adam, fused=True)
+    kind = Adam if cfg.parallel.zero_stage == 0 else functools.partial(torch.optim.Adam, fused=True)
     optimizer = kind(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                  functools.partial(schedule_mod.lr_factor, cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=schedule, config=ds_config)
-    if engine.dp_world_size == 1 and cfg.train.zero_stage == 0:
+    if engine.dp_world_size == 1 and cfg.parallel.zero_stage == 0:
         # Nothing to average over one rank: skip the flatten/all-reduce/unflatten of every step.
         engine.enable_backward_allreduce = False
     compat.short_zero_grad(engine)

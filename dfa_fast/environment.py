@@ -46,7 +46,7 @@ def cpuinfo_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device) -> str:
-    """Return the concrete ``train.precision`` of ``precision`` on ``device``: ``auto`` is
+    """Return the concrete ``compute.precision`` of ``precision`` on ``device``: ``auto`` is
     bf16_mixed where bf16 products are native (a CUDA device with bf16, a CPU with AVX512-BF16 or
     AMX) and fp32 elsewhere; any other value is returned as it is."""
     if precision != "auto":

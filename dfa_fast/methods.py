@@ -15,11 +15,12 @@ from dfa_fast.config import RunConfig
 from dfa_fast.distributed import global_swap, rank_and_world
 from dfa_fast.data.loaders import Batch
 from dfa_fast.ema import SampleLossEMA
+from dfa_fast.kernels.reference import Linear, LossSettings, Swap
 from dfa_fast.models import Classifier, DisEntModel, LfFModel
 
 
 def input_dtype(precision: str) -> torch.dtype:
-    """Return the dtype the networks take their input in under ``train.precision``."""
+    """Return the dtype the networks take their input in under ``compute.precision``."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16,
             "bf16_mixed": torch.bfloat16}.get(precision, torch.float32)
 
@@ -35,8 +36,8 @@ class Method:
         self.device = device
         self.model = self.build_model().to(device)
         self.ema: Optional[SampleLossEMA] = None
-        self.dtype = input_dtype(cfg.train.precision)
-        self.mixed = cfg.train.precision == "bf16_mixed"
+        self.dtype = input_dtype(cfg.compute.precision)
+        self.mixed = cfg.compute.precision == "bf16_mixed"
 
     def run_net(self, fn, x: torch.Tensor):
         """Return ``fn(x)`` (one output or a tuple) for a network ``fn`` in the run's precision:
@@ -107,9 +108,12 @@ class _EMAMethod(Method):
         self.ema = SampleLossEMA(train_labels, self.num_classes, self.cfg.method.ema_alpha,
                                  self.device, train_biases)
 
-    def _loss_kwargs(self) -> dict:
+    @property
+    def settings(self) -> LossSettings:
+        """The heads' loss hyperparameters, from the method's config."""
         m = self.cfg.method
-        return {"q": m.q, "alpha": m.ema_alpha, "gce_form": m.gce_form, "gather": self.ema.gather}
+        return LossSettings(q=m.q, gce_form=m.gce_form, lambda_dis=m.lambda_dis,
+                            lambda_swap_b=m.lambda_swap_b, lambda_swap=m.lambda_swap)
 
 
 class LfF(_EMAMethod):
@@ -121,13 +125,11 @@ class LfF(_EMAMethod):
         return LfFModel(self.cfg.model, self.num_classes)
 
     def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
-        ema = self.ema
         model = self.model
         logits_d, logits_b = self.run_net(lambda x: (model.debiased(x), model.biased(x)),
                                           batch.image)
-        return ops.lff_head(logits_d, logits_b, batch.label,
-                            batch.index, ema.ema_i, ema.ema_b, ema.seen, ema.labels,
-                            self.num_classes, **self._loss_kwargs())
+        return ops.lff_head(logits_d, logits_b, batch.label, batch.index, self.ema,
+                            self.settings)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.run_net(self.model.debiased, x)
@@ -149,20 +151,20 @@ class DisEnt(_EMAMethod):
         return DisEntModel(self.cfg.model, self.num_classes)
 
     def step(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict]:
-        m, model, ema = self.cfg.method, self.model, self.ema
+        model = self.model
         z_i, z_b = self.run_net(model.features, batch.image)
-        perm, source = None, {}
+        swap = None
         if step > self.swap_start:
             if rank_and_world()[1] > 1:  # swap across the whole global batch
-                perm, swap_source = global_swap(z_b, batch.label, self.generator)
-                source = {"swap_source": swap_source}
+                perm, source = global_swap(z_b, batch.label, self.generator)
+                swap = Swap(perm, source)
             else:
-                perm = torch.randperm(len(batch), device=self.device, generator=self.generator)
-        return ops.disent_head(z_i, z_b, model.fc_i.weight, model.fc_i.bias, model.fc_b.weight,
-                               model.fc_b.bias, batch.label, batch.index, ema.ema_i, ema.ema_b,
-                               ema.seen, ema.labels, self.num_classes, perm,
-                               lambda_dis=m.lambda_dis, lambda_swap_b=m.lambda_swap_b,
-                               lambda_swap=m.lambda_swap, **self._loss_kwargs(), **source)
+                swap = Swap(torch.randperm(len(batch), device=self.device,
+                                           generator=self.generator))
+        return ops.disent_head(z_i, z_b, batch.label, batch.index,
+                               Linear(model.fc_i.weight, model.fc_i.bias),
+                               Linear(model.fc_b.weight, model.fc_b.bias), self.ema, swap,
+                               self.settings)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         # C_i over [z_i, z_b] with the classifier as in training (float32 under bf16_mixed).
@@ -176,7 +178,11 @@ class DisEnt(_EMAMethod):
         self.generator.set_state(state["generator"])
 
 
+# The built-in methods; config.BUILTIN_METHODS is the one list of their names that configs accept.
 METHODS = {cls.name: cls for cls in (Vanilla, LfF, DisEnt)}
+if tuple(METHODS) != config.BUILTIN_METHODS:
+    raise ImportError(f"methods.py implements {tuple(METHODS)} but config.BUILTIN_METHODS is "
+                      f"{config.BUILTIN_METHODS}")
 
 
 def register(cls: type, settings: Optional[dict] = None) -> type:

@@ -8,8 +8,7 @@ below (docs/design.md, "Where to add an implementation").
 
 - ``triton``: the fused Triton kernels (`dfa_fast.kernels.triton_ops`), first for CUDA tensors;
 - ``fused``: the CPU implementations: the compiled numba DisEnt head and EMA pass
-  (`kernels.numba_head`, `kernels.numba_weighting`), the closed-form PyTorch head for other dtypes
-  and gathers (`kernels.fused_torch`), oneDNN's Linear + ReLU for the MLP encoder
+  (`kernels.numba_head`, `kernels.numba_weighting`), oneDNN's Linear + ReLU for the MLP encoder
   (`kernels.onednn_linear`);
 - ``torch``: the PyTorch reference (`kernels.reference`), which defines the semantics and supports
   every call.
@@ -76,21 +75,13 @@ def _numba_weighting():
     return numba_weighting
 
 
-def _takes_buffers(ema_i, ema_b, seen, labels, *_args, **_kwargs) -> bool:
-    return _numba_weighting().takes(ema_i, ema_b, seen, labels)
+def _takes_state(state, *_args, **_kwargs) -> bool:
+    return _numba_weighting().takes(state)
 
 
-def _weigh_for(ema_i, ema_b, seen, labels) -> Callable:
-    """The `sample_weights` implementation a fused head uses for these buffers."""
-    return _numba_weighting().sample_weights if _numba_weighting().takes(
-        ema_i, ema_b, seen, labels) else reference.sample_weights
-
-
-def _numba_head_supports(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i,
-                         ema_b, seen, labels, *_args, gather=None, swap_source=None, **_kwargs):
+def _numba_head_supports(*args, **kwargs) -> bool:
     from dfa_fast.kernels import numba_head
-    return swap_source is None and numba_head.usable(z_i, z_b, weight_i, bias_i, weight_b,
-                                                     bias_b, ema_i, ema_b, seen, labels, gather)
+    return numba_head.usable(*args, **kwargs)
 
 
 def _load_numba_head():
@@ -98,15 +89,7 @@ def _load_numba_head():
     return numba_head.disent_head
 
 
-def _load_fused_torch_head():
-    from dfa_fast.kernels import fused_torch
-
-    def head(*args, **kwargs):
-        return fused_torch.disent_head(*args, weigh=_weigh_for(*args[8:12]), **kwargs)
-    return head
-
-
-def _load_fused_lff_head():
+def _load_numba_lff_head():
     def head(*args, **kwargs):
         return reference.lff_head(*args, weigh=_numba_weighting().sample_weights, **kwargs)
     return head
@@ -128,8 +111,8 @@ def _torch_chain(x, layers):
     return x
 
 
-def _no_swap_source(*_args, swap_source=None, **_kwargs) -> bool:
-    return swap_source is None
+def _in_batch_swap(z_i, z_b, label, index, fc_i, fc_b, state, swap, *_args, **_kwargs) -> bool:
+    return swap is None or swap.source is None
 
 
 def _triton_impl(name: str, extra: Callable[..., bool] = _always) -> Impl:
@@ -146,24 +129,26 @@ TABLE: dict[str, tuple[Impl, ...]] = {
     "cross_entropy": (_triton_impl("cross_entropy"), _reference("cross_entropy")),
     "gce": (_triton_impl("gce"), _reference("gce")),
     "sample_weights": (
-        _triton_impl("sample_weights"),
-        Impl("numba", "fused", lambda: _numba_weighting().sample_weights, _takes_buffers),
+        Impl("triton", "triton", _triton("sample_weights"),
+             lambda state, *_a, **_k: _triton_device(state.ema_i)),
+        Impl("numba", "fused", lambda: _numba_weighting().sample_weights, _takes_state),
         _reference("sample_weights")),
     "weighted_cross_entropy": (_triton_impl("weighted_cross_entropy"),
                                _reference("weighted_cross_entropy")),
     "permute_concat": (_triton_impl("permute_concat"), _reference("permute_concat")),
-    # A swap across data-parallel ranks (swap_source) picks rows of the whole global batch: only
-    # the reference permutes beyond its own rows.
+    # A swap across data-parallel ranks (swap.source) picks rows of the whole global batch: only
+    # the reference permutes beyond its own rows. Other dtypes and a gather also go to the
+    # reference (a closed-form PyTorch head for them was within the noise of it in the trainer:
+    # benchmarks/results/head_impls-before-fused-torch-removal.md).
     "disent_head": (
-        _triton_impl("disent_head", _no_swap_source),
+        _triton_impl("disent_head", _in_batch_swap),
         Impl("numba", "fused", _load_numba_head, _numba_head_supports),
-        Impl("fused_torch", "fused", _load_fused_torch_head, _no_swap_source),
         _reference("disent_head")),
     "lff_head": (
         _triton_impl("lff_head"),
-        Impl("fused", "fused", _load_fused_lff_head,
-             lambda logits_d, logits_b, label, index, ema_d, ema_b, seen, labels, *_a, **_k:
-             _numba_weighting().takes(ema_d, ema_b, seen, labels)),
+        Impl("numba", "fused", _load_numba_lff_head,
+             lambda logits_d, logits_b, label, index, state, *_a, **_k:
+             _numba_weighting().takes(state)),
         _reference("lff_head")),
     # The MLP encoder's Linear + ReLU layers (B, in) -> (B, out): float32 CPU, outside autocast.
     "linear_relu_chain": (
@@ -184,7 +169,9 @@ def _candidates(operation: str, forced: str, cuda: bool) -> tuple[Impl, ...]:
 
 def choose(operation: str, *args, **kwargs) -> Impl:
     """Return the implementation that computes ``operation(*args, **kwargs)``."""
-    for impl in _candidates(operation, forced_backend(), args[0].is_cuda):
+    first = args[0]
+    first = first.ema_i if isinstance(first, reference.LossState) else first
+    for impl in _candidates(operation, forced_backend(), first.is_cuda):
         if impl.supports(*args, **kwargs):
             return impl
     raise RuntimeError(f"no implementation of {operation} supports this call")  # unreachable
@@ -204,18 +191,17 @@ def gce(logits, target, q=0.7, form="reference"):
     return _run("gce", logits, target, q, form)
 
 
-def sample_weights(ema_i, ema_b, seen, labels, num_classes, index, label, ce_i, ce_b, alpha,
-                   gather=None):
-    """Update the per-sample loss EMAs in place and return the relative-difficulty weights (B,)."""
-    return _run("sample_weights", ema_i, ema_b, seen, labels, num_classes, index, label, ce_i,
-                ce_b, alpha, gather)
+def sample_weights(state, index, label, ce_i, ce_b):
+    """Update the per-sample loss EMAs of ``state`` (`reference.LossState`) in place and return
+    the relative-difficulty weights (B,)."""
+    return _run("sample_weights", state, index, label, ce_i, ce_b)
 
 
-def relative_difficulty(ema_i, ema_b, labels, index, label, num_classes):
+def relative_difficulty(state, index, label):
     """Return the weights W (B,) of the samples at ``index`` from the EMAs as they stand, without
     updating them: the statistic of the logs (the reference's formula on every backend; no step
     computes it apart from `sample_weights`)."""
-    return reference.relative_difficulty(ema_i, ema_b, labels, index, label, num_classes)
+    return reference.relative_difficulty(state, index, label)
 
 
 def weighted_cross_entropy(logits, target, weight):
@@ -228,17 +214,14 @@ def permute_concat(z_i, z_b, perm=None):
     return _run("permute_concat", z_i, z_b, perm)
 
 
-def disent_head(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b, seen,
-                labels, num_classes, perm, **kwargs):
+def disent_head(z_i, z_b, label, index, fc_i, fc_b, state, swap, settings):
     """Return the DisEnt loss and its statistics (see `reference.disent_head`)."""
-    return _run("disent_head", z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index,
-                ema_i, ema_b, seen, labels, num_classes, perm, **kwargs)
+    return _run("disent_head", z_i, z_b, label, index, fc_i, fc_b, state, swap, settings)
 
 
-def lff_head(logits_d, logits_b, label, index, ema_d, ema_b, seen, labels, num_classes, **kwargs):
+def lff_head(logits_d, logits_b, label, index, state, settings):
     """Return the LfF loss and its statistics (see `reference.lff_head`)."""
-    return _run("lff_head", logits_d, logits_b, label, index, ema_d, ema_b, seen, labels,
-                num_classes, **kwargs)
+    return _run("lff_head", logits_d, logits_b, label, index, state, settings)
 
 
 def linear_relu_chain(x, layers):
@@ -250,34 +233,35 @@ def linear_relu_chain(x, layers):
 _EXAMPLE_BATCH = 8  # rows of the example calls' batch tensors (the EMA buffers have 32)
 
 
-def examples(device: str = "cpu") -> dict[str, tuple[tuple, dict]]:
-    """Return small example calls of every operation (arguments, keyword arguments) on a device:
-    what `describe` asks the table about."""
+def examples(device: str = "cpu", gather: bool = False) -> dict[str, tuple[tuple, dict]]:
+    """Return small example calls of every operation (arguments, keyword arguments) on a device,
+    with an identity data-parallel gather in the loss state if ``gather``: what `describe` asks
+    the table about."""
     B, C, D, N = _EXAMPLE_BATCH, 4, 6, 32
     dev = torch.device(device)
     logits, target = torch.zeros(B, C, device=dev), torch.zeros(B, dtype=torch.int64, device=dev)
     z = torch.zeros(B, D, device=dev)
-    w, b = torch.zeros(C, 2 * D, device=dev), torch.zeros(C, device=dev)
-    ema = (torch.zeros(N, device=dev), torch.zeros(N, device=dev),
-           torch.zeros(N, dtype=torch.bool, device=dev), torch.zeros(N, dtype=torch.int64,
-                                                                     device=dev))
+    fc = reference.Linear(torch.zeros(C, 2 * D, device=dev), torch.zeros(C, device=dev))
+    state = reference.LossState.zeros(torch.zeros(N, dtype=torch.int64, device=dev), C)
+    if gather:
+        state.gather = lambda *t: t
     index = torch.arange(B, device=dev)
-    lambdas = {"lambda_dis": 1.0, "lambda_swap_b": 1.0, "lambda_swap": 1.0}
+    settings = reference.LossSettings()
     layers = [torch.nn.Linear(D, D).to(dev)]
     return {
         "cross_entropy": ((logits, target), {}),
         "gce": ((logits, target), {}),
-        "sample_weights": ((*ema, C, index, target, target.float(), target.float(), 0.7), {}),
+        "sample_weights": ((state, index, target, target.float(), target.float()), {}),
         "weighted_cross_entropy": ((logits, target, target.float()), {}),
         "permute_concat": ((z, z), {}),
-        "disent_head": ((z, z, w, b, w, b, target, index, *ema, C, None), lambdas),
-        "lff_head": ((logits, logits, target, index, *ema, C), {}),
+        "disent_head": ((z, z, target, index, fc, fc, state, None, settings), {}),
+        "lff_head": ((logits, logits, target, index, state, settings), {}),
         "linear_relu_chain": ((z, layers), {}),
     }
 
 
 def _cast(value, dtype):
-    # The batch's float tensors in ``dtype``; the EMA buffers stay float32, as in training.
+    # The batch's float tensors in ``dtype``; classifiers and the EMA buffers stay float32.
     return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() \
         and value.dim() and value.shape[0] == _EXAMPLE_BATCH else value
 
@@ -286,6 +270,7 @@ def describe(device: str = "cpu") -> list[dict]:
     """Return, for every operation, the implementation each case gets on this machine: float32,
     bfloat16 inputs, under bf16 autocast (bf16_mixed) and with a data-parallel gather."""
     rows = []
+    gathering = examples(device, gather=True)
     for operation, (args, kwargs) in examples(device).items():
         def pick(call_args=args, call_kwargs=kwargs):
             return choose(operation, *call_args, **call_kwargs).name
@@ -293,13 +278,6 @@ def describe(device: str = "cpu") -> list[dict]:
                "bf16": pick(tuple(_cast(a, torch.bfloat16) for a in args))}
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             row["bf16_mixed"] = pick()
-        if operation in ("sample_weights", "disent_head", "lff_head"):
-            gather_kwargs = dict(kwargs, gather=lambda *t: t)
-            if operation == "sample_weights":
-                row["gather"] = pick(args[:-1] + (gather_kwargs.pop("gather"),), {})
-            else:
-                row["gather"] = pick(args, gather_kwargs)
-        else:
-            row["gather"] = row["fp32"]
+        row["gather"] = pick(*gathering[operation])
         rows.append(row)
     return rows

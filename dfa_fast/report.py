@@ -1,6 +1,6 @@
 """Aggregating finished runs: mean and std over seeds per (data set, ratio, method, variant), with
 the published numbers beside them (`dfa-fast report`, benchmarks/accuracy.py). A run's variant is
-how its saved config departs from its preset (say `train.precision=bf16_mixed`), so runs of
+how its saved config departs from its preset (say `compute.precision=bf16_mixed`), so runs of
 different settings are never averaged together."""
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from dfa_fast.published import published
 from dfa_fast.run_dir import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from dfa_fast.trainer import headline
 
-METHOD_ORDER = {"vanilla": 0, "lff": 1, "disent": 2}
+METHOD_ORDER = {name: i for i, name in enumerate(config.BUILTIN_METHODS)}
 # Config keys that say where a run read its data, how it was watched and on how many cores, not
 # what it computed: runs that differ only in these (and the seed) are seeds of one cell.
 NOT_VARIANT = {("train", "seed"), ("train", "progress"), ("train", "tensorboard"),
-               ("train", "threads"), ("train", "device"), ("train", "log_every"),
-               ("train", "ckpt_every"), ("train", "dist_timeout_s"), ("data", "path"),
+               ("cpu", "threads"), ("compute", "device"), ("train", "log_every"),
+               ("train", "ckpt_every"), ("parallel", "dist_timeout_s"), ("data", "path"),
                ("data", "num_workers"), ("train", "preset")}
 
 
@@ -55,7 +55,7 @@ def run_variant(saved: dict | None, summary: dict) -> str:
 
 def chosen_by_auto(section: str, key: str, preset: dict) -> bool:
     """Whether a saved value is what the preset's ``auto`` resolved to on the run's machine (the
-    precision of ``train.precision: auto``): the preset itself, not a variant of it."""
+    precision of ``compute.precision: auto``): the preset itself, not a variant of it."""
     return preset[section][key] == "auto"
 
 
@@ -73,7 +73,7 @@ def find_summaries(paths: list[Path]) -> list[dict]:
             saved = saved_config(f.parent)
             found.append(summary | {"variant": run_variant(saved, summary),
                                     "preset": run_preset(summary, saved),
-                                    "precision": (saved or {}).get("train", {}).get("precision")})
+                                    "precision": (saved or {}).get("compute", {}).get("precision")})
     return found
 
 

@@ -81,7 +81,7 @@ def build_transform(cfg: RunConfig) -> ImageTransform:
     return ImageTransform(cfg.model.input_scale / 255.0, *normal, resize=d.resize or None,
                           crop_padding=d.crop_padding, flip=d.flip,
                           channels_last=d.channels_last,
-                          dtype=input_dtype(cfg.train.precision))
+                          dtype=input_dtype(cfg.compute.precision))
 
 
 def environment_info(device: torch.device) -> dict:
@@ -104,22 +104,24 @@ class Trainer:
             raise DfaError(f"{self.run_dir} already holds a run; pass --resume {self.run_dir} to "
                            "continue it, or another --out")
         self.cfg = cfg
-        t = cfg.train
-        torch.set_num_threads(t.threads)
+        t, compute = cfg.train, cfg.compute
+        torch.set_num_threads(cfg.cpu.threads)
         # Subnormal floats (Adam's second moments of the tiny gradients that the reference's
         # [0, 1/255] inputs give) make x86 arithmetic up to 2x slower as a run goes on; flushing
         # them to zero changes no result above 1e-38.
-        torch.set_flush_denormal(t.flush_denormal)
-        self.device = resolve_device(t.device)
+        torch.set_flush_denormal(cfg.cpu.flush_denormal)
+        self.device = resolve_device(compute.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         prepare_environment(self.device)
-        t.precision = resolve_precision(t.precision, self.device)  # saved resolved: see config
-        if (self.device.type == "cpu" and t.precision in ("bf16", "bf16_mixed")
+        compute.precision = resolve_precision(compute.precision, self.device)  # saved resolved
+        # The checks across keys again, now with the job's ranks and the resolved device.
+        config_mod.validate(cfg, world_size=world_size(), device_type=self.device.type)
+        if (self.device.type == "cpu" and compute.precision in ("bf16", "bf16_mixed")
                 and not native_bf16()):
-            warnings.warn(f"train.precision={t.precision} on a CPU without native bf16 "
+            warnings.warn(f"compute.precision={compute.precision} on a CPU without native bf16 "
                           "(AVX-512 or Arm BF16): its bf16 products are emulated, up to 10x "
-                          "slower than fp32; train.precision=auto picks fp32 there")
+                          "slower than fp32; compute.precision=auto picks fp32 there")
         self.metas = check_data(cfg)
         for seed_fn in (torch.manual_seed, np.random.seed, random.seed):
             seed_fn(t.seed)
@@ -142,7 +144,7 @@ class Trainer:
             self.method.distribute(all_gather_batch)
 
         transform = build_transform(cfg)
-        micro = cfg.data.batch_size // (self.world * t.grad_accum)
+        micro = config_mod.micro_batch(cfg.data.batch_size, self.world, cfg.parallel.grad_accum)
         self.train_loader = make_train_loader(folder / "train.beton", micro, seed=t.seed,
                                               device=self.device, order=cfg.data.order,
                                               distributed=self.world > 1, transform=transform,
@@ -252,11 +254,11 @@ class Trainer:
         writer = self._tensorboard() if t.tensorboard and self.is_main else None
         step = self.start_step
         # DeepSpeed divides the loss by the accumulation steps; by 1 that is a no-op autograd node.
-        scale = t.grad_accum > 1
+        scale = self.cfg.parallel.grad_accum > 1
         try:
             for step in range(self.start_step, t.steps):
                 finite = None  # every micro-batch's loss finite (one device tensor, no sync)
-                for _ in range(t.grad_accum):
+                for _ in range(self.cfg.parallel.grad_accum):
                     before = time.perf_counter()
                     batch = next(stream)
                     window["data"] += time.perf_counter() - before

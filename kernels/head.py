@@ -55,7 +55,7 @@ import triton.language as tl
 
 from . import gce as _gce
 from . import weighting as _weighting
-from .reference import Gather
+from .reference import Linear, LossSettings, LossState, Swap
 
 # Matrix products of float32 tiles: tf32x3 keeps float32 accuracy on tensor cores.
 DOT_PRECISION = "tf32x3"
@@ -326,9 +326,13 @@ class DisentHeadFunction(torch.autograd.Function):
     """The DisEnt loss of docs/method.md with its statistics; updates the EMAs in place."""
 
     @staticmethod
-    def forward(ctx, z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b,
-                seen, labels, num_classes, perm, lambda_dis, lambda_swap_b, lambda_swap, q,
-                alpha, gce_form, gather):
+    def forward(ctx, z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, state, perm,
+                settings):
+        ema_i, ema_b, seen, labels = state.ema_i, state.ema_b, state.seen, state.labels
+        num_classes, alpha, gather = state.num_classes, state.alpha, state.gather
+        q, gce_form = settings.q, settings.gce_form
+        lambda_dis, lambda_swap_b, lambda_swap = (settings.lambda_dis, settings.lambda_swap_b,
+                                                  settings.lambda_swap)
         z_i, z_b = _unit_stride(z_i), _unit_stride(z_b)
         weight_i, weight_b = weight_i.contiguous(), weight_b.contiguous()
         label, index = label.contiguous(), index.contiguous()
@@ -405,28 +409,24 @@ class DisentHeadFunction(torch.autograd.Function):
         if ctx.has_bias:
             d_bias_i = out[2 * n_weight:2 * n_weight + C].to(ctx.bias_dtypes[0])
             d_bias_b = out[2 * n_weight + C:].to(ctx.bias_dtypes[1])
-        return (dz_i, dz_b, d_weight_i, d_bias_i, d_weight_b, d_bias_b) + (None,) * 15
+        return (dz_i, dz_b, d_weight_i, d_bias_i, d_weight_b, d_bias_b) + (None,) * 5
 
 
-def disent_head(z_i: torch.Tensor, z_b: torch.Tensor,
-                weight_i: torch.Tensor, bias_i: Optional[torch.Tensor],
-                weight_b: torch.Tensor, bias_b: Optional[torch.Tensor],
-                label: torch.Tensor, index: torch.Tensor,
-                ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
-                labels: torch.Tensor, num_classes: int,
-                perm: Optional[torch.Tensor], *,
-                lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
-                q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
-                gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def disent_head(z_i: torch.Tensor, z_b: torch.Tensor, label: torch.Tensor, index: torch.Tensor,
+                fc_i: Linear, fc_b: Linear, state: LossState, swap: Optional[Swap],
+                settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return the DisEnt loss (scalar) and detached statistics for one step (docs/method.md).
 
-    Same contract as ``reference.disent_head``: ``perm`` is the device permutation of the batch (a
-    permutation of range(B)) or None before swapping starts; the EMA buffers are updated in place.
+    Same contract as ``reference.disent_head``, for a swap within the batch (``swap.source``
+    None; `dfa_fast.ops` sends a swap across ranks to the reference); ``swap.perm`` is a device
+    permutation of range(B). The EMA buffers are updated in place.
     """
-    loss, acc = DisentHeadFunction.apply(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label,
-                                         index, ema_i, ema_b, seen, labels, num_classes, perm,
-                                         lambda_dis, lambda_swap_b, lambda_swap, q, alpha,
-                                         gce_form, gather)
+    if swap is not None and swap.source is not None:
+        raise ValueError("the Triton head swaps within its own batch; a swap.source is the "
+                         "reference's")
+    perm = None if swap is None else swap.perm
+    loss, acc = DisentHeadFunction.apply(z_i, z_b, *fc_i, *fc_b, label, index, state, perm,
+                                         settings)
     stats = {"ce_i": acc[0], "gce_b": acc[1], "weight": acc[2], "loss_dis": acc[3]}
     if perm is not None:
         stats["loss_swap"] = acc[4]

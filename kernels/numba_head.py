@@ -1,28 +1,36 @@
 """The DisEnt head of a float32 CPU step as two compiled calls (numba): one forward, one backward.
 
-`fused_torch.DisentHeadFunction` computes the head in closed form with about 30 PyTorch operations
-forward and 10 backward on tiny tensors (256 x 10 logits per block at Colored MNIST sizes), nearly
-all of their time dispatch. Here the same arithmetic runs in two compiled calls, with the batch as
-the vectorised dimension (the logits and their gradient are kept transposed, classes x rows);
-in the trainer that is 0.55 ms a step less (4,000 alternating steps, fp32):
+The reference (`reference.disent_head`) builds the head from autograd operations: four classifier
+calls on concatenated inputs, five log-softmaxes, the GCE weights and means, about 280 small
+operations a step, each a few microseconds of dispatch on a CPU at Colored MNIST sizes (256 x 10
+logits per block). Here the forward pass computes the loss and its gradient with respect to the
+logits in closed form, as the Triton head does (`head.py`), and the backward pass is four matrix
+products, all in two compiled calls with the batch as the vectorised dimension (the logits and
+their gradient are kept transposed, classes x rows):
 
-* forward: the four logit blocks (rows [z_i, z_b] and, with a swap, [z_i, z_b[pi]], through the
-  intrinsic and the bias classifier), their log-softmax, CE and GCE, the EMA update, class maxima
-  and weights W (`numba_weighting._update_and_weigh`, the same pass and bookkeeping as
-  `numba_weighting.sample_weights`), the loss and its statistics, and dL/dlogits =
-  coef * (softmax - onehot(target)) with the coefficients of `fused_torch`'s docstring;
-* backward: the classifier gradients from dL/dlogits and the rows, and the feature gradients
-  (dz_i from the intrinsic classifier's first half, dz_b from the bias classifier's second half,
-  the swapped rows' share sent back through pi).
+    rows [i; i'; b; b'] of the logits: [X; Xs] Wi^T + b_i and [X; Xs] Wb^T + b_b, with
+    X = [z_i, z_b], Xs = [z_i, z_b[pi]] (the swapped rows i', b' exist only with a swap)
+    G = dL/dlogits = coef * (softmax - onehot(target)), targets [y, y, y, y[pi]], with
+    coef = W/B (i), ls W/B (i'), ld f/B (b), ls lsb f/B (b'); f = q p_y^q (reference GCE form)
+    or p_y^q (textbook form)
+    dWi = G_i^T [X; Xs], d b_i = sum G_i (the same for the bias classifier)
+    dz_i = (G_i + G_i') Wi[:, :D]                 (the bias classifier's inputs stop z_i)
+    dz_b = (G_b + unpermute(G_b')) Wb[:, D:]       (the intrinsic classifier's inputs stop z_b)
+
+* forward: the logit blocks, their log-softmax, CE and GCE, the EMA update, class maxima and
+  weights W (`numba_weighting._update_and_weigh`, the same pass and bookkeeping as
+  `numba_weighting.sample_weights`), the loss and its statistics, and G;
+* backward: the classifier and feature gradients above.
 
 Float32 arithmetic throughout; the products' sums may be reordered (and vectorised) as any BLAS
 does, so values agree with the reference to float32 rounding (the tests compare them), not bit
-for bit. The EMA buffers,
-seen flags and W are `numba_weighting`'s, which are the reference's bit for bit given the same
-losses. `usable` says when it applies; the fused PyTorch head covers everything else (other dtypes,
-a data-parallel gather).
+for bit. The EMA buffers, seen flags and W are `numba_weighting`'s, which are the reference's bit
+for bit given the same losses. `usable` says when it applies; `dfa_fast.ops` gives every other
+call (other dtypes, a data-parallel gather or swap) to the reference.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numba
 import numpy as np
@@ -32,6 +40,7 @@ from torch.autograd.function import once_differentiable
 from . import numba_weighting
 from . import reference as _reference
 from .numba_weighting import _floats, _ints
+from .reference import Linear, LossSettings, LossState, Swap
 
 GCE_FORM_CODES = {"reference": 0, "textbook": 1}
 
@@ -255,13 +264,15 @@ def _backward(grad_t, scale, z_i, z_b, perm, swap, weight_i, weight_b, d_z_i, d_
                 d_z_b[t, d] += gb[d, batch + s]
 
 
-def usable(z_i, z_b, weight_i, bias_i, weight_b, bias_b, ema_i, ema_b, seen, labels,
-           gather) -> bool:
-    """Whether the compiled head computes this step: float32 CPU tensors, features of equal
-    shape, classifiers over [z_i, z_b] with biases, buffers `numba_weighting` takes, no
-    data-parallel gather."""
+def usable(z_i, z_b, label, index, fc_i: Linear, fc_b: Linear, state: LossState,
+           swap: Optional[Swap] = None, settings: Optional[LossSettings] = None) -> bool:
+    """Whether the compiled head computes this call (the head's arguments): float32 CPU tensors,
+    features of equal shape, classifiers over [z_i, z_b] with biases, buffers `numba_weighting`
+    takes, no data-parallel gather, a swap within the batch."""
+    (weight_i, bias_i), (weight_b, bias_b) = fc_i, fc_b
     tensors = (z_i, z_b, weight_i, bias_i, weight_b, bias_b)
-    return (gather is None and numba_weighting.takes(ema_i, ema_b, seen, labels)
+    return (state.gather is None and numba_weighting.takes(state)
+            and (swap is None or swap.source is None)
             and all(t is not None and t.device.type == "cpu" and t.dtype == torch.float32
                     for t in tensors)
             and z_i.dim() == 2 and z_i.shape == z_b.shape
@@ -270,12 +281,14 @@ def usable(z_i, z_b, weight_i, bias_i, weight_b, bias_b, ema_i, ema_b, seen, lab
 
 
 class NumbaHeadFunction(torch.autograd.Function):
-    """The DisEnt loss of docs/method.md with its statistics; updates the EMAs in place."""
+    """The DisEnt loss of docs/method.md with its statistics; updates the EMAs in place. The
+    tensors that take gradients are arguments (autograd needs them so); the rest travel as the
+    head's named objects."""
 
     @staticmethod
-    def forward(ctx, z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, ema_i, ema_b,
-                seen, labels, num_classes, perm, lambda_dis, lambda_swap_b, lambda_swap, q,
-                alpha, gce_form, gather):
+    def forward(ctx, z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, state, perm,
+                settings):
+        gce_form = settings.gce_form
         if gce_form not in GCE_FORM_CODES:
             raise ValueError(f"unknown GCE form {gce_form!r}; expected one of "
                              f"{_reference.GCE_FORMS}")
@@ -285,6 +298,7 @@ class NumbaHeadFunction(torch.autograd.Function):
             raise IndexError(f"the swap permutation must hold {B} indices, not "
                              f"{tuple(perm.shape)}")
         classes = weight_i.shape[0]
+        num_classes = state.num_classes
         if num_classes > classes:
             raise ValueError(f"num_classes={num_classes} but the classifiers have {classes} "
                              "outputs")
@@ -292,17 +306,17 @@ class NumbaHeadFunction(torch.autograd.Function):
         stats = torch.empty(5 if swap else 4)
         perm_array = _ints(perm) if swap else np.zeros(B, np.int64)
         z_i_a, z_b_a = _floats(z_i), _floats(z_b)
-        known, valid = numba_weighting.take_class_maxima(ema_i, ema_b, seen, labels,
-                                                         num_classes)
+        known, valid = numba_weighting.take_class_maxima(state)
         loss, rescanned = _forward(
             z_i_a, z_b_a, _floats(weight_i), _floats(bias_i), _floats(weight_b), _floats(bias_b),
             _ints(label), _ints(index), perm_array, swap,
-            ema_i.numpy(), ema_b.numpy(), seen.numpy(), labels.numpy(), num_classes,
-            float(lambda_dis), float(lambda_swap_b), float(lambda_swap), float(q), float(alpha),
+            state.ema_i.numpy(), state.ema_b.numpy(), state.seen.numpy(), state.labels.numpy(),
+            num_classes, float(settings.lambda_dis), float(settings.lambda_swap_b),
+            float(settings.lambda_swap), float(settings.q), float(state.alpha),
             GCE_FORM_CODES[gce_form], _reference.MAX_FLOOR, _reference.WEIGHT_EPS,
-            numba_weighting.scratch(len(ema_i)), known.max_i, known.max_b, valid,
+            numba_weighting.scratch(state), known.max_i, known.max_b, valid,
             grad.numpy(), stats.numpy())
-        numba_weighting.keep_class_maxima(ema_i, known, rescanned)
+        numba_weighting.keep_class_maxima(state, known, rescanned)
         ctx.save_for_backward(grad, z_i, z_b, weight_i, weight_b)  # version-checked by autograd
         ctx.swap = (perm_array, swap)
         ctx.mark_non_differentiable(stats)
@@ -318,14 +332,14 @@ class NumbaHeadFunction(torch.autograd.Function):
                 torch.empty(weight_b.shape[0])]
         _backward(grad.numpy(), float(grad_loss), _floats(z_i), _floats(z_b), perm, swap,
                   _floats(weight_i), _floats(weight_b), *(t.numpy() for t in outs))
-        return tuple(outs) + (None,) * 15
+        return tuple(outs) + (None,) * 5
 
 
-def disent_head(*tensors, lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
-                q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
-                gather=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def disent_head(z_i: torch.Tensor, z_b: torch.Tensor, label: torch.Tensor, index: torch.Tensor,
+                fc_i: Linear, fc_b: Linear, state: LossState, swap: Optional[Swap],
+                settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return the DisEnt loss (scalar) and detached statistics for one step, with the arguments
     and contract of ``reference.disent_head``, for the calls `usable` accepts."""
-    loss, acc = NumbaHeadFunction.apply(*tensors, lambda_dis, lambda_swap_b, lambda_swap, q,
-                                        alpha, gce_form, gather)
+    loss, acc = NumbaHeadFunction.apply(z_i, z_b, *fc_i, *fc_b, label, index, state,
+                                        None if swap is None else swap.perm, settings)
     return loss, dict(zip(_reference.STAT_NAMES, acc.unbind()))

@@ -22,15 +22,12 @@ Only for the CPU buffers of `takes`; `dfa_fast.ops` sends others to the referenc
 """
 from __future__ import annotations
 
-import weakref
-from typing import Optional
-
 import numba
 import numpy as np
 import torch
 
 from . import reference as _reference
-from .reference import Gather
+from .reference import LossState
 
 
 @numba.njit(nogil=True, cache=True)
@@ -119,12 +116,10 @@ def _update_and_weigh(ema_i, ema_b, seen, labels, num_classes, upd_index, upd_i,
     return rescan
 
 
-_slots: dict[int, np.ndarray] = {}
-
-
-def takes(ema_i, ema_b, seen, labels) -> bool:
-    """Whether the kernel works on these buffers: contiguous CPU float32 EMAs, bool flags, int64
-    labels, all of one length."""
+def takes(state: LossState) -> bool:
+    """Whether the kernel works on this state's buffers: contiguous CPU float32 EMAs, bool flags,
+    int64 labels, all of one length."""
+    ema_i, ema_b, seen, labels = state.ema_i, state.ema_b, state.seen, state.labels
     return (ema_i.device.type == "cpu" and ema_i.dtype == torch.float32
             and ema_b.dtype == torch.float32 and seen.dtype == torch.bool
             and labels.dtype == torch.int64
@@ -132,80 +127,72 @@ def takes(ema_i, ema_b, seen, labels) -> bool:
             and len(ema_i) == len(ema_b) == len(seen) == len(labels))
 
 
-def sample_weights(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
-                   labels: torch.Tensor, num_classes: int, index: torch.Tensor,
-                   label: torch.Tensor, ce_i: torch.Tensor, ce_b: torch.Tensor, alpha: float,
-                   gather: Gather = None) -> torch.Tensor:
+def sample_weights(state: LossState, index: torch.Tensor, label: torch.Tensor,
+                   ce_i: torch.Tensor, ce_b: torch.Tensor) -> torch.Tensor:
     """`reference.sample_weights` (same arguments, values and in-place updates) in one call."""
-    if not takes(ema_i, ema_b, seen, labels):
+    if not takes(state):
         raise ValueError("numba_weighting.sample_weights takes contiguous CPU float32 EMA "
                          "buffers, bool flags and int64 labels of one length (see `takes`)")
     upd_index, upd_i, upd_b = index, ce_i.detach(), ce_b.detach()
-    if gather is not None:
-        upd_index, upd_i, upd_b = gather(upd_index, upd_i, upd_b)
+    if state.gather is not None:
+        upd_index, upd_i, upd_b = state.gather(upd_index, upd_i, upd_b)
     out = torch.empty(len(index), dtype=torch.float32)
-    known, valid = take_class_maxima(ema_i, ema_b, seen, labels, num_classes)
-    rescanned = _update_and_weigh(ema_i.numpy(), ema_b.numpy(), seen.numpy(), labels.numpy(),
-                                  num_classes, _ints(upd_index), _floats(upd_i), _floats(upd_b),
-                                  float(alpha), _ints(index), _ints(label), _reference.MAX_FLOOR,
-                                  _reference.WEIGHT_EPS, scratch(len(ema_i)), out.numpy(),
-                                  known.max_i, known.max_b, valid)
-    keep_class_maxima(ema_i, known, rescanned)
+    known, valid = take_class_maxima(state)
+    rescanned = _update_and_weigh(
+        state.ema_i.numpy(), state.ema_b.numpy(), state.seen.numpy(), state.labels.numpy(),
+        state.num_classes, _ints(upd_index), _floats(upd_i), _floats(upd_b), float(state.alpha),
+        _ints(index), _ints(label), _reference.MAX_FLOOR, _reference.WEIGHT_EPS, scratch(state),
+        out.numpy(), known.max_i, known.max_b, valid)
+    keep_class_maxima(state, known, rescanned)
     return out
 
 
-def scratch(size: int) -> np.ndarray:
-    """Return the kernel's scratch array for buffers of ``size`` samples (kept between calls)."""
-    slot = _slots.get(size)
-    if slot is None:  # uninitialised on purpose: the kernel validates every entry it reads
-        slot = _slots[size] = np.empty(size, np.int64)
+def scratch(state: LossState) -> np.ndarray:
+    """Return the kernel's scratch array for the state's buffers (kept in its cache)."""
+    slot = state.cache.get("slots")
+    if slot is None or len(slot) != len(state.ema_i):
+        # Uninitialised on purpose: the kernel validates every entry it reads.
+        slot = state.cache["slots"] = np.empty(len(state.ema_i), np.int64)
     return slot
 
 
-# The class maxima kept per EMA buffer: id(ema_i) -> (weak reference to ema_i, ClassMaxima). Not an
-# attribute of the tensor, which would travel into checkpoints with it.
-_kept: dict[int, tuple] = {}
+def _versions(state: LossState) -> tuple:
+    return (state.num_classes, state.ema_i._version, state.ema_b._version, state.seen._version,
+            state.labels._version)
 
 
-def maxima_of(ema_i: torch.Tensor) -> Optional["ClassMaxima"]:
-    """Return the class maxima kept for the buffer ``ema_i``, or None."""
-    entry = _kept.get(id(ema_i))
-    return entry[1] if entry is not None and entry[0]() is ema_i else None
-
-
-def take_class_maxima(ema_i, ema_b, seen, labels, num_classes) -> tuple["ClassMaxima", bool]:
-    """Take the class maxima kept for these buffers out of the registry (an error in the call
-    that follows may leave them half updated; `keep_class_maxima` puts them back after it) and
-    return them with whether they are valid.
+def take_class_maxima(state: LossState) -> tuple["ClassMaxima", bool]:
+    """Take the class maxima kept in the state's cache out of it (an error in the call that
+    follows may leave them half updated; `keep_class_maxima` puts them back after it) and return
+    them with whether they are valid.
 
     They are the maxima after the last call, valid while no PyTorch operation has written the
     buffers since (a copy from a checkpoint, the reference's update): their version counters are
     those recorded then (the kernel's own writes go through NumPy views and leave the counters
-    alone)."""
-    partners = (ema_b, seen, labels)
-    versions = (num_classes, ema_i._version, ema_b._version, seen._version, labels._version)
-    known = maxima_of(ema_i)
-    if known is not None:
-        del _kept[id(ema_i)]
-        if known.versions == versions and all(a is b for a, b in zip(known.partners, partners)):
-            return known, True
-    return ClassMaxima(partners, versions, np.zeros(num_classes, np.float32),
-                       np.zeros(num_classes, np.float32)), False
+    alone), and the buffers are the same tensors."""
+    buffers = (state.ema_i, state.ema_b, state.seen, state.labels)
+    known = state.cache.pop("class_maxima", None)
+    if known is not None and known.versions == _versions(state) and all(
+            a is b for a, b in zip(known.buffers, buffers)):
+        return known, True
+    return ClassMaxima(buffers, np.zeros(state.num_classes, np.float32),
+                       np.zeros(state.num_classes, np.float32)), False
 
 
-def keep_class_maxima(ema_i, known: "ClassMaxima", rescanned: bool) -> None:
-    """Keep the maxima a kernel call left in ``known`` for the next call; returns None."""
+def keep_class_maxima(state: LossState, known: "ClassMaxima", rescanned: bool) -> None:
+    """Keep the maxima a kernel call left in ``known`` in the state's cache for the next call."""
+    known.versions = _versions(state)
     known.calls += 1
     known.scans += bool(rescanned)
-    key = id(ema_i)  # the entry goes when the buffer does
-    _kept[key] = (weakref.ref(ema_i, lambda _, key=key: _kept.pop(key, None)), known)
+    state.cache["class_maxima"] = known
 
 
 class ClassMaxima:
-    """The class maxima of two EMA buffers (before the floor) and what they are valid for."""
+    """The class maxima of two EMA buffers (before the floor), the buffers they are of and the
+    version counters they are valid for."""
 
-    def __init__(self, partners, versions, max_i, max_b):
-        self.partners, self.versions = partners, versions
+    def __init__(self, buffers, max_i, max_b):
+        self.buffers, self.versions = buffers, None
         self.max_i, self.max_b = max_i, max_b
         self.calls = self.scans = 0  # calls since the last invalidation, and full passes
 

@@ -19,7 +19,8 @@ All losses are computed in float32 whatever the input dtype. Nothing here synchr
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,63 @@ STAT_NAMES = ("ce_i", "gce_b", "weight", "loss_dis", "loss_swap")
 # gather(index, ce_i, ce_b) -> (index, ce_i, ce_b) of the global batch; identity in one process.
 Gather = Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
                            tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+# The contract of every head implementation: a few named objects instead of loose tensors.
+class Linear(NamedTuple):
+    """A linear classifier's parameters: logits = x @ weight.T + bias (bias may be None)."""
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+
+
+class Swap(NamedTuple):
+    """The feature swap of one DisEnt step: row r takes the bias features ``source[0][perm[r]]``
+    (and the label ``source[1][perm[r]]`` for the swapped bias branch). ``source`` is this batch's
+    (z_b, label) when None; under data parallelism the global batch's."""
+    perm: torch.Tensor
+    source: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss hyperparameters of the heads (the lambdas are DisEnt's; LfF ignores them)."""
+    q: float = 0.7
+    gce_form: str = "reference"
+    lambda_dis: float = 1.0
+    lambda_swap_b: float = 1.0
+    lambda_swap: float = 1.0
+
+
+@dataclass(eq=False)
+class LossState:
+    """The per-sample loss EMAs of the two branches over the whole training split, updated in
+    place by `sample_weights` and the heads: ``ema_i`` (intrinsic / debiased branch), ``ema_b``
+    (bias branch), the shared ``seen`` flags and every sample's label; ``gather`` under data
+    parallelism. ``cache`` holds what an implementation derives from the buffers and keeps between
+    calls (the compiled pass's class maxima and scratch: `numba_weighting`); whoever writes the
+    buffers in another way clears it (`clear_cache`). The buffers belong to one state: a second
+    state over the same tensors would not see the first one's compiled writes in its cache."""
+    ema_i: torch.Tensor
+    ema_b: torch.Tensor
+    seen: torch.Tensor
+    labels: torch.Tensor
+    num_classes: int
+    alpha: float = 0.7
+    gather: Gather = None
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def zeros(cls, labels: torch.Tensor, num_classes: int, alpha: float = 0.7,
+              device: Optional[torch.device] = None) -> "LossState":
+        """Return a fresh state (nothing seen) for training samples with these labels."""
+        labels = labels.to(device=device or labels.device, dtype=torch.int64)
+        n, dev = len(labels), labels.device
+        return cls(torch.zeros(n, device=dev), torch.zeros(n, device=dev),
+                   torch.zeros(n, dtype=torch.bool, device=dev), labels, num_classes, alpha)
+
+    def clear_cache(self) -> None:
+        """Forget what implementations derived from the buffers (call after writing them)."""
+        self.cache.clear()
 
 
 def _vector_floats() -> int:
@@ -81,17 +139,18 @@ def gce(logits: torch.Tensor, target: torch.Tensor, q: float = 0.7,
     raise ValueError(f"unknown GCE form {form!r}; expected one of {GCE_FORMS}")
 
 
-def ema_update_(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor, index: torch.Tensor,
-                loss_i: torch.Tensor, loss_b: torch.Tensor, alpha: float) -> None:
-    """Update both per-sample loss EMAs and the seen flags in place at ``index``; returns None."""
+def ema_update_(state: "LossState", index: torch.Tensor, loss_i: torch.Tensor,
+                loss_b: torch.Tensor) -> None:
+    """Update both per-sample loss EMAs and the seen flags of ``state`` in place at ``index``."""
     ones = torch.ones_like(index, dtype=torch.float32)
-    count = torch.zeros_like(ema_i).index_add_(0, index, ones)[index]
-    was_seen = seen[index]
-    for ema, loss in ((ema_i, loss_i), (ema_b, loss_b)):
+    count = torch.zeros_like(state.ema_i).index_add_(0, index, ones)[index]
+    was_seen = state.seen[index]
+    alpha = state.alpha
+    for ema, loss in ((state.ema_i, loss_i), (state.ema_b, loss_b)):
         # The mean of the losses of duplicated indices (sum / count; exact for unique ones).
         value = torch.zeros_like(ema).index_add_(0, index, loss.detach().float())[index] / count
         ema[index] = torch.where(was_seen, alpha * ema[index] + (1.0 - alpha) * value, value)
-    seen[index] = True
+    state.seen[index] = True
 
 
 def class_max(ema: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -100,30 +159,29 @@ def class_max(ema: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torc
         0, labels, ema, "amax", include_self=True)
 
 
-def relative_difficulty(ema_i: torch.Tensor, ema_b: torch.Tensor, labels: torch.Tensor,
-                        index: torch.Tensor, label: torch.Tensor, num_classes: int) -> torch.Tensor:
+def relative_difficulty(state: "LossState", index: torch.Tensor,
+                        label: torch.Tensor) -> torch.Tensor:
     """Return W = e_b / (e_b + e_i + 1e-8) for the samples at ``index`` (B,), without gradient."""
-    max_i = class_max(ema_i, labels, num_classes).clamp_min(MAX_FLOOR)
-    max_b = class_max(ema_b, labels, num_classes).clamp_min(MAX_FLOOR)
-    e_i = ema_i[index] / max_i[label]
-    e_b = ema_b[index] / max_b[label]
+    max_i = class_max(state.ema_i, state.labels, state.num_classes).clamp_min(MAX_FLOOR)
+    max_b = class_max(state.ema_b, state.labels, state.num_classes).clamp_min(MAX_FLOOR)
+    e_i = state.ema_i[index] / max_i[label]
+    e_b = state.ema_b[index] / max_b[label]
     return e_b / (e_b + e_i + WEIGHT_EPS)
 
 
-def sample_weights(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
-                   labels: torch.Tensor, num_classes: int, index: torch.Tensor,
-                   label: torch.Tensor, ce_i: torch.Tensor, ce_b: torch.Tensor, alpha: float,
-                   gather: Gather = None) -> torch.Tensor:
+def sample_weights(state: "LossState", index: torch.Tensor, label: torch.Tensor,
+                   ce_i: torch.Tensor, ce_b: torch.Tensor) -> torch.Tensor:
     """Update the EMAs with this batch's losses and return the weights W (B,) of its samples.
 
-    ``gather`` turns the local (index, ce_i, ce_b) into the global batch's under data parallelism, so
-    every rank applies the identical update; the weights are those of the local samples.
+    Under data parallelism ``state.gather`` turns the local (index, ce_i, ce_b) into the global
+    batch's, so every rank applies the identical update; the weights are those of the local
+    samples.
     """
     upd_index, upd_i, upd_b = (index, ce_i.detach(), ce_b.detach())
-    if gather is not None:
-        upd_index, upd_i, upd_b = gather(upd_index, upd_i, upd_b)
-    ema_update_(ema_i, ema_b, seen, upd_index, upd_i, upd_b, alpha)
-    return relative_difficulty(ema_i, ema_b, labels, index, label, num_classes)
+    if state.gather is not None:
+        upd_index, upd_i, upd_b = state.gather(upd_index, upd_i, upd_b)
+    ema_update_(state, upd_index, upd_i, upd_b)
+    return relative_difficulty(state, index, label)
 
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
@@ -142,57 +200,45 @@ def permute_concat(z_i: torch.Tensor, z_b: torch.Tensor,
     return torch.cat([z_i, z_b_perm.detach()], 1), torch.cat([z_i.detach(), z_b_perm], 1)
 
 
-def disent_head(z_i: torch.Tensor, z_b: torch.Tensor,
-                weight_i: torch.Tensor, bias_i: torch.Tensor,
-                weight_b: torch.Tensor, bias_b: torch.Tensor,
-                label: torch.Tensor, index: torch.Tensor,
-                ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
-                labels: torch.Tensor, num_classes: int,
-                perm: Optional[torch.Tensor], *,
-                lambda_dis: float, lambda_swap_b: float, lambda_swap: float,
-                q: float = 0.7, alpha: float = 0.7, gce_form: str = "reference",
-                gather: Gather = None,
-                swap_source: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def disent_head(z_i: torch.Tensor, z_b: torch.Tensor, label: torch.Tensor, index: torch.Tensor,
+                fc_i: Linear, fc_b: Linear, state: "LossState", swap: Optional[Swap],
+                settings: LossSettings) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Return the DisEnt loss (scalar) and detached statistics for one step (docs/method.md).
 
-    ``weight_*``/``bias_*`` are the two linear classifiers over 2D features (intrinsic, bias);
-    ``perm`` is the device permutation of the batch, or None before swapping starts. Updates the EMA
-    buffers in place. ``swap_source`` = (bias features, labels) whose rows ``perm`` picks for the
-    swap; by default this batch's (z_b, label), under data parallelism the whole global batch's.
+    ``fc_i``/``fc_b`` are the two linear classifiers over 2D features [intrinsic, bias]; ``swap``
+    is the step's feature swap, or None before swapping starts. Updates ``state`` in place.
     """
     x_i, x_b = permute_concat(z_i, z_b)
-    logits_i = F.linear(x_i, weight_i, bias_i)
-    logits_b = F.linear(x_b, weight_b, bias_b)
+    logits_i = F.linear(x_i, *fc_i)
+    logits_b = F.linear(x_b, *fc_b)
     ce_i = cross_entropy(logits_i, label)
-    w = sample_weights(ema_i, ema_b, seen, labels, num_classes, index, label,
-                       ce_i, cross_entropy(logits_b.detach(), label), alpha, gather)
-    gce_b = gce(logits_b, label, q, gce_form).mean()
-    loss_dis = (w * ce_i).mean() + lambda_dis * gce_b
+    w = sample_weights(state, index, label, ce_i, cross_entropy(logits_b.detach(), label))
+    q, form = settings.q, settings.gce_form
+    gce_b = gce(logits_b, label, q, form).mean()
+    loss_dis = (w * ce_i).mean() + settings.lambda_dis * gce_b
     stats = {"ce_i": ce_i.detach().mean(), "gce_b": gce_b.detach(), "weight": w.mean(),
              "loss_dis": loss_dis.detach()}
     loss = loss_dis
-    if perm is not None:
-        source_z, source_label = swap_source if swap_source is not None else (z_b, label)
-        xs_i, xs_b = permute_concat(z_i, source_z[perm])
-        loss_swap = (weighted_cross_entropy(F.linear(xs_i, weight_i, bias_i), label, w)
-                     + lambda_swap_b * gce(F.linear(xs_b, weight_b, bias_b), source_label[perm],
-                                           q, gce_form).mean())
-        loss = loss_dis + lambda_swap * loss_swap
+    if swap is not None:
+        source_z, source_label = swap.source if swap.source is not None else (z_b, label)
+        xs_i, xs_b = permute_concat(z_i, source_z[swap.perm])
+        loss_swap = (weighted_cross_entropy(F.linear(xs_i, *fc_i), label, w)
+                     + settings.lambda_swap_b * gce(F.linear(xs_b, *fc_b),
+                                                    source_label[swap.perm], q, form).mean())
+        loss = loss_dis + settings.lambda_swap * loss_swap
         stats["loss_swap"] = loss_swap.detach()
     return loss, stats
 
 
 def lff_head(logits_d: torch.Tensor, logits_b: torch.Tensor, label: torch.Tensor,
-             index: torch.Tensor, ema_d: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
-             labels: torch.Tensor, num_classes: int, *, q: float = 0.7, alpha: float = 0.7,
-             gce_form: str = "reference", gather: Gather = None,
+             index: torch.Tensor, state: "LossState", settings: LossSettings, *,
              weigh: Optional[Callable] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Return the LfF loss mean(GCE(f_B)) + mean(W * CE(f_D)) and detached statistics;
-    ``weigh``: an implementation of `sample_weights` with its arguments and values."""
+    """Return the LfF loss mean(GCE(f_B)) + mean(W * CE(f_D)) and detached statistics (``state``
+    holds the debiased branch's EMA as ``ema_i``); ``weigh``: an implementation of
+    `sample_weights` with its arguments and values."""
     ce_d = cross_entropy(logits_d, label)
-    w = (weigh or sample_weights)(ema_d, ema_b, seen, labels, num_classes, index, label,
-                                  ce_d, cross_entropy(logits_b.detach(), label), alpha, gather)
-    gce_b = gce(logits_b, label, q, gce_form).mean()
+    w = (weigh or sample_weights)(state, index, label, ce_d,
+                                  cross_entropy(logits_b.detach(), label))
+    gce_b = gce(logits_b, label, settings.q, settings.gce_form).mean()
     loss = gce_b + (w * ce_d).mean()
     return loss, {"ce_i": ce_d.detach().mean(), "gce_b": gce_b.detach(), "weight": w.mean()}

@@ -16,7 +16,7 @@ None of them synchronises with the host, so a training step built on them can be
 graphs (the EMA scratch is allocated on the first call: make it a warm-up step).
 
 The fused head permutes within its own rows only: `dfa_fast.ops` sends a swap across data-parallel
-ranks (``swap_source``, a permutation over the whole global batch) to the PyTorch reference.
+ranks (``Swap.source``, the global batch to permute over) to the PyTorch reference.
 """
 from .gce import cross_entropy, gce
 from .head import disent_head

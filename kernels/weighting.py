@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from . import gce as _gce
-from .reference import MAX_FLOOR as _MAX_FLOOR, WEIGHT_EPS as _WEIGHT_EPS, Gather
+from .reference import MAX_FLOOR as _MAX_FLOOR, WEIGHT_EPS as _WEIGHT_EPS
+from .reference import LossSettings, LossState
 
 MAX_FLOOR = tl.constexpr(_MAX_FLOOR)
 WEIGHT_EPS = tl.constexpr(_WEIGHT_EPS)
@@ -281,15 +282,16 @@ def apply_ema_class_max(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Te
         BLOCK_C=_gce.block_classes(num_classes), num_warps=4)
 
 
-def sample_weights(ema_i: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
-                   labels: torch.Tensor, num_classes: int, index: torch.Tensor,
-                   label: torch.Tensor, ce_i: torch.Tensor, ce_b: torch.Tensor, alpha: float,
-                   gather: Gather = None) -> torch.Tensor:
+def sample_weights(state: LossState, index: torch.Tensor, label: torch.Tensor,
+                   ce_i: torch.Tensor, ce_b: torch.Tensor) -> torch.Tensor:
     """Update the EMAs with this batch's losses and return the weights W (B,) of its samples.
 
-    Three launches (scatter, apply + class max, weights); ``gather`` runs between the caller's
-    losses and launch 1 and supplies the global batch, while W is computed for the local ``index``.
+    Three launches (scatter, apply + class max, weights); ``state.gather`` runs between the
+    caller's losses and launch 1 and supplies the global batch, while W is computed for the local
+    ``index``.
     """
+    ema_i, ema_b, seen, labels = state.ema_i, state.ema_b, state.seen, state.labels
+    num_classes, alpha, gather = state.num_classes, state.alpha, state.gather
     upd_index, upd_i, upd_b = index, ce_i.detach(), ce_b.detach()
     if gather is not None:
         upd_index, upd_i, upd_b = gather(upd_index, upd_i, upd_b)
@@ -314,8 +316,10 @@ class LffHeadFunction(torch.autograd.Function):
     """The fused LfF loss mean(GCE(f_B)) + mean(W * CE(f_D)); updates the EMAs in place."""
 
     @staticmethod
-    def forward(ctx, logits_d, logits_b, label, index, ema_d, ema_b, seen, labels, num_classes,
-                q, alpha, gce_form, gather):
+    def forward(ctx, logits_d, logits_b, label, index, state, settings):
+        ema_d, ema_b, seen, labels = state.ema_i, state.ema_b, state.seen, state.labels
+        num_classes, alpha, gather = state.num_classes, state.alpha, state.gather
+        q, gce_form = settings.q, settings.gce_form
         logits_d = _gce._rows_contiguous(logits_d)
         logits_b = _gce._rows_contiguous(logits_b)
         B, C = logits_d.shape
@@ -361,15 +365,13 @@ class LffHeadFunction(torch.autograd.Function):
         else:
             grad_d = _gce.scale_rows(grads[0], grad_loss, dtype_d)
             grad_b = _gce.scale_rows(grads[1], grad_loss, dtype_b)
-        return (grad_d, grad_b) + (None,) * 11
+        return (grad_d, grad_b) + (None,) * 4
 
 
 def lff_head(logits_d: torch.Tensor, logits_b: torch.Tensor, label: torch.Tensor,
-             index: torch.Tensor, ema_d: torch.Tensor, ema_b: torch.Tensor, seen: torch.Tensor,
-             labels: torch.Tensor, num_classes: int, *, q: float = 0.7, alpha: float = 0.7,
-             gce_form: str = "reference",
-             gather: Gather = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Return the LfF loss mean(GCE(f_B)) + mean(W * CE(f_D)) and detached statistics."""
-    loss, stats = LffHeadFunction.apply(logits_d, logits_b, label, index, ema_d, ema_b, seen,
-                                        labels, num_classes, q, alpha, gce_form, gather)
+             index: torch.Tensor, state: LossState, settings: LossSettings
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Return the LfF loss mean(GCE(f_B)) + mean(W * CE(f_D)) and detached statistics (the
+    contract of ``reference.lff_head``)."""
+    loss, stats = LffHeadFunction.apply(logits_d, logits_b, label, index, state, settings)
     return loss, {"ce_i": stats[0], "gce_b": stats[1], "weight": stats[2]}

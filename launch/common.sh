@@ -21,6 +21,6 @@ ds_config=$here/ds_zero${zero}${suffix}.json
 [ -f "$ds_config" ] || { echo "launch: no $ds_config (ZERO=0|1|2, PRECISION=fp32|bf16|bf16_mixed)" >&2; exit 2; }
 port=${MASTER_PORT:-$("$py" -c 'import socket; s = socket.socket(); s.bind(("", 0)); print(s.getsockname()[1])')}
 # The run config must agree with the DeepSpeed file (dfa-fast checks it).
-set_args=(--deepspeed_config "$ds_config" --set "train.zero_stage=$zero"
-          --set "train.precision=$precision" --set "train.device=$device")
-if [ "$device" = cpu ]; then set_args+=(--set train.threads=1); fi
+set_args=(--deepspeed_config "$ds_config" --set "parallel.zero_stage=$zero"
+          --set "compute.precision=$precision" --set "compute.device=$device")
+if [ "$device" = cpu ]; then set_args+=(--set cpu.threads=1); fi

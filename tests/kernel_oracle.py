@@ -9,7 +9,9 @@ says how far a float32 head's gradients may fall from it by rounding alone. Fixt
 every run, printed so a failure can be replayed with
 ``DFA_TEST_SEED``), ``poison`` (every ``torch.empty`` returns NaN / sentinel-filled memory, so an
 element a kernel forgets to write fails the comparison) and ``gpu_tiles`` (the GPU tile sizes on the
-interpreter: more programs, atomics across programs, more loop trips).
+interpreter: more programs, atomics across programs, more loop trips). States are tuples
+(ema_i, ema_b, seen, labels) of plain tensors (`random_state`, `clone_state`, the oracles);
+`loss_state` wraps one into the `LossState` the implementations take, sharing its tensors.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dfa_fast.kernels import gce as gce_kernels
+from dfa_fast.kernels.reference import LossState
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 requires_cuda = [pytest.mark.cuda,
@@ -275,6 +278,14 @@ def random_state(n: int, num_classes: int, device: str):
 def clone_state(state):
     """Return independent copies of an EMA state tuple."""
     return tuple(t.clone() for t in state)
+
+
+def loss_state(state, num_classes: int, alpha: float = 0.7, gather=None) -> LossState:
+    """Wrap an EMA state tuple (ema_i, ema_b, seen, labels) into the `LossState` the heads and
+    `sample_weights` take. The tensors are shared, not copied: the implementations' in-place
+    updates show in the tuple (the float64 oracles keep working on the plain tensors)."""
+    ema_i, ema_b, seen, labels = state
+    return LossState(ema_i, ema_b, seen, labels, num_classes, alpha, gather)
 
 
 def assert_state(actual, expected, what: str) -> None:

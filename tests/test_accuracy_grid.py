@@ -34,7 +34,7 @@ def test_accuracy_grid_resumes_interrupted_runs_and_reports_what_finished(cmnist
                                                                           monkeypatch):
     run_dir = tmp_path / "runs" / "cmnist" / "1pct" / "vanilla" / "seed0"
     cfg = config.resolve("cmnist", 1, "vanilla", {
-        **config.parse_overrides(OVERRIDES + ["train.progress=false", "train.threads=1"]),
+        **config.parse_overrides(OVERRIDES + ["train.progress=false", "cpu.threads=1"]),
         "data": {"path": str(cmnist_full / "1pct")}})
     cfg.train.steps = 50
     interrupt_at(Trainer(cfg, run_dir), 33, monkeypatch)  # the session ended during step 33

@@ -1,8 +1,10 @@
 """The one chooser (`dfa_fast.ops.TABLE`): every operation gets the expected implementation for a
 CPU float32 call, bfloat16 inputs, bf16 autocast, a data-parallel gather and (under the Triton
 interpreter) Triton; DFA_KERNELS forces each backend; a swap across ranks always runs the reference.
-And the house has no import circle, and `kernels/` imports nothing from `dfa_fast`."""
+Every implementation of a head and of the weighting has the contract's parameters. And the house
+has no import circle, and `kernels/` imports nothing from `dfa_fast`."""
 import ast
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from dfa_fast import ops
-from dfa_fast.kernels import onednn_linear
+from dfa_fast.kernels import numba_head, numba_weighting, onednn_linear, reference
 
 REPO = Path(__file__).resolve().parents[1]
 OPERATIONS = ("cross_entropy", "gce", "sample_weights", "weighted_cross_entropy",
@@ -22,8 +24,9 @@ CPU_DEFAULT = {
     "cross_entropy": ("torch",) * 4, "gce": ("torch",) * 4,
     "sample_weights": ("numba",) * 4,  # the EMA buffers are float32 whatever the inputs
     "weighted_cross_entropy": ("torch",) * 4, "permute_concat": ("torch",) * 4,
-    "disent_head": ("numba", "fused_torch", "numba", "fused_torch"),
-    "lff_head": ("fused",) * 4,
+    # Other dtypes and a gather: the reference (the compiled head takes float32 only).
+    "disent_head": ("numba", "torch", "numba", "torch"),
+    "lff_head": ("numba",) * 4,  # the reference's losses with the numba EMA pass
     "linear_relu_chain": (ONEDNN, "torch", "torch", ONEDNN),
 }
 
@@ -59,8 +62,17 @@ def test_forcing_the_reference_and_triton(monkeypatch):
 def test_a_swap_across_ranks_runs_the_reference(monkeypatch, forced):
     monkeypatch.setenv("DFA_KERNELS", forced)
     args, kwargs = ops.examples()["disent_head"]
-    z_b, label = args[1], args[6]
-    impl = ops.choose("disent_head", *args, swap_source=(z_b, label), **kwargs)
+    z_b, label = args[1], args[2]
+    perm = torch.arange(len(label))
+    *head, swap, settings = args
+    assert swap is None
+    # The same swap within the batch runs the compiled head (or Triton, when forced) ...
+    within = ops.choose("disent_head", *head, reference.Swap(perm), settings, **kwargs)
+    assert within.name == {"": "numba", "fused": "numba", "triton": "triton",
+                           "torch": "torch"}[forced]
+    # ... one over the global batch (swap.source) the reference.
+    impl = ops.choose("disent_head", *head, reference.Swap(perm, (z_b, label)), settings,
+                      **kwargs)
     assert impl.name == "torch"
 
 
@@ -68,8 +80,42 @@ def test_the_ops_command_prints_the_table():
     done = subprocess.run([sys.executable, "-m", "dfa_fast", "ops"], capture_output=True,
                           text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
-    assert "| disent_head | numba | fused_torch | numba | fused_torch |" in done.stdout
+    assert "| disent_head | numba | torch | numba | torch |" in done.stdout
+    assert "| lff_head | numba | numba | numba | numba |" in done.stdout
     assert "torch " + torch.__version__ in done.stdout
+
+
+def parameters(function, ignore=()) -> tuple[str, ...]:
+    """Return the parameter names of ``function`` in order, without those in ``ignore``."""
+    return tuple(name for name in inspect.signature(function).parameters if name not in ignore)
+
+
+def test_every_implementation_has_the_contracts_parameters():
+    # kernels/reference.py defines the contract; the numba, Triton and chooser functions take the
+    # same parameters by the same names (the reference's lff_head also takes ``weigh``).
+    head = pytest.importorskip("dfa_fast.kernels.head")
+    weighting = pytest.importorskip("dfa_fast.kernels.weighting")
+    triton_ops = pytest.importorskip("dfa_fast.kernels.triton_ops")
+    disent = parameters(reference.disent_head)
+    assert disent == ("z_i", "z_b", "label", "index", "fc_i", "fc_b", "state", "swap",
+                      "settings")
+    for function in (numba_head.disent_head, numba_head.usable, head.disent_head,
+                     triton_ops.disent_head, ops.disent_head):
+        assert parameters(function) == disent, function.__module__
+    lff = parameters(reference.lff_head, ignore=("weigh",))
+    assert lff == ("logits_d", "logits_b", "label", "index", "state", "settings")
+    assert "weigh" in parameters(reference.lff_head)
+    for function in (weighting.lff_head, triton_ops.lff_head, ops.lff_head):
+        assert parameters(function) == lff, function.__module__
+    weights = parameters(reference.sample_weights)
+    assert weights == ("state", "index", "label", "ce_i", "ce_b")
+    for function in (numba_weighting.sample_weights, weighting.sample_weights,
+                     triton_ops.sample_weights, ops.sample_weights):
+        assert parameters(function) == weights, function.__module__
+    difficulty = parameters(reference.relative_difficulty)
+    assert difficulty == ("state", "index", "label")
+    assert parameters(ops.relative_difficulty) == difficulty
+    assert parameters(numba_weighting.takes) == ("state",)
 
 
 def module_imports():

@@ -24,7 +24,8 @@ def overrides(data_dir, zero_stage=0, steps=STEPS):
             "method": {"swap_start": 10},
             "optim": {"lr_decay_start": 10, "lr_decay_step": 10},
             "train": {"steps": steps, "eval_every": 15, "log_every": 1, "ckpt_every": 20,
-                      "progress": False, "zero_stage": zero_stage}}
+                      "progress": False},
+            "parallel": {"zero_stage": zero_stage}}
 
 
 def env():
@@ -110,7 +111,7 @@ def test_checkpoint_of_two_ranks_resumes_in_one(cmnist_full, tmp_path):
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_a_failing_rank_ends_the_job(cmnist_full, tmp_path, launcher):
     settings = overrides(cmnist_full / "1pct", steps=200)
-    settings["train"]["dist_timeout_s"] = 60
+    settings["parallel"]["dist_timeout_s"] = 60
     start = time.monotonic()
     done = launch(launcher, tmp_path / "run", settings,
                   {"DFA_TEST_FAIL_RANK": "1", "DFA_TEST_FAIL_STEP": "3"}, timeout=300)

@@ -12,9 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from dfa_fast.kernels import head, reference
+from dfa_fast.kernels.reference import Linear, LossSettings, Swap
 from kernel_oracle import (BATCHES, CLASSES, FEATURES, TOLERANCE, assert_close,
                            assert_scratch_clean, assert_state, clone_state, cross_entropy64,
-                           float32_error_bounds, head_oracle, random_state, requires_cuda)
+                           float32_error_bounds, head_oracle, loss_state, random_state,
+                           requires_cuda)
 from kernel_oracle import device, gpu_tiles, poison, seed  # noqa: F401 (fixtures)
 
 ALPHA = 0.7
@@ -38,10 +40,18 @@ def make_inputs(batch, num_classes, features, dtype, device, bias=True):
     return params
 
 
+def head_args(params, label, index, state, num_classes, perm, lambdas, form, gather=None):
+    """The head's arguments: ``params`` the six tensors, ``state`` an EMA state tuple."""
+    z_i, z_b, weight_i, bias_i, weight_b, bias_b = params
+    return (z_i, z_b, label, index, Linear(weight_i, bias_i), Linear(weight_b, bias_b),
+            loss_state(state, num_classes, ALPHA, gather), None if perm is None else Swap(perm),
+            LossSettings(q=Q, gce_form=form, **lambdas))
+
+
 def run_head(params, label, index, state, num_classes, perm, lambdas, form, gather=None):
     leaves = [p.detach().clone().requires_grad_() if p is not None else None for p in params]
-    loss, stats = head.disent_head(*leaves, label, index, *state, num_classes, perm, q=Q,
-                                   alpha=ALPHA, gce_form=form, gather=gather, **lambdas)
+    loss, stats = head.disent_head(*head_args(leaves, label, index, state, num_classes, perm,
+                                              lambdas, form, gather))
     grad_out = torch.tensor(1.7, device=loss.device)
     used = [p for p in leaves if p is not None]
     grads = torch.autograd.grad(loss, used, grad_out)
@@ -91,8 +101,8 @@ def check_head(batch, num_classes, features, dtype, device, perm_kind="random", 
     base_params = [p.detach().float().requires_grad_() if p is not None else None
                    for p in params]
     base_loss, base_stats = reference.disent_head(
-        *base_params, label, index, *clone_state(before), num_classes, perm, q=Q, alpha=ALPHA,
-        gce_form=form, gather=hook, **lambdas)
+        *head_args(base_params, label, index, clone_state(before), num_classes, perm, lambdas,
+                   form, hook))
     base_grads = torch.autograd.grad(base_loss, [p for p in base_params if p is not None],
                                      torch.tensor(1.7, device=base_loss.device))
     what = f"B={batch} C={num_classes} D={features} {dtype} perm={perm_kind} {form}"
@@ -197,8 +207,8 @@ def test_head_cuda_graph_capture(device, seed):
     eager_state = clone_state(state)
 
     def step(st):
-        loss, stats = head.disent_head(*params, label, index, *st, 10, perm, q=Q, alpha=ALPHA,
-                                       **LAMBDAS)
+        loss, stats = head.disent_head(*head_args(params, label, index, st, 10, perm, LAMBDAS,
+                                                  "reference"))
         return (loss,) + tuple(torch.autograd.grad(loss, params))
 
     side = torch.cuda.Stream()

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from dfa_fast.kernels import reference, weighting
+from dfa_fast.kernels.reference import LossSettings
 from kernel_oracle import (BATCHES, CLASSES, TOLERANCE, assert_close, assert_scratch_clean,
                            assert_state, clone_state, cross_entropy64, ema_update64, gce64,
-                           random_state, requires_cuda, weights64)
+                           loss_state, random_state, requires_cuda, weights64)
 from kernel_oracle import device, gpu_tiles, poison, seed  # noqa: F401 (fixtures)
 
 ALPHA = 0.7
@@ -30,7 +31,8 @@ def check_sample_weights(state, num_classes, index, ce_i, ce_b, gather=None, upd
     labels = state[3]
     label = labels[index]
     before = clone_state(state)
-    w = weighting.sample_weights(*state, num_classes, index, label, ce_i, ce_b, ALPHA, gather)
+    w = weighting.sample_weights(loss_state(state, num_classes, ALPHA, gather), index, label,
+                                 ce_i, ce_b)
     upd_index, upd_i, upd_b = upd if upd is not None else (index, ce_i, ce_b)
     expected = ema_update64(before[0], before[1], before[2], upd_index, upd_i, upd_b, ALPHA)
     assert_state(state, expected, "sample_weights")
@@ -64,7 +66,7 @@ def test_duplicate_index_is_updated_once_with_the_mean(device, poison):
     ce_b = ce_i * 2
     state = (ema_i, ema_b, seen, labels)
     ref_state = clone_state(state)
-    weighting.sample_weights(*state, 1, index, labels[index], ce_i, ce_b, ALPHA)
+    weighting.sample_weights(loss_state(state, 1, ALPHA), index, labels[index], ce_i, ce_b)
     # 3: 0.7 * 1.0 + 0.3 * mean(1, 2, 3) = 1.3;  7: first write, mean(2, 4) = 3;  5: 4.
     expected = torch.zeros(10)
     expected[3], expected[7], expected[5] = 1.3, 3.0, 4.0
@@ -76,7 +78,7 @@ def test_duplicate_index_is_updated_once_with_the_mean(device, poison):
     assert seen.cpu().tolist() == [False] * 3 + [True] + [False] + [True] + [False] + [True] + \
         [False] * 2
     # The PyTorch reference defines the same rule.
-    reference.sample_weights(*ref_state, 1, index, labels[index], ce_i, ce_b, ALPHA)
+    reference.sample_weights(loss_state(ref_state, 1, ALPHA), index, labels[index], ce_i, ce_b)
     assert_close(ema_i, ref_state[0], 1e-6, "reference ema_i")
     assert_close(ema_b, ref_state[1], 1e-6, "reference ema_b")
 
@@ -132,8 +134,8 @@ def test_gather_updates_with_the_global_batch(device, seed, poison):
     w = check_sample_weights(state, 10, local, ce_i, ce_b, gather,
                              upd=gather(local, ce_i, ce_b))
     assert w.shape == (batch,)
-    ref_w = reference.sample_weights(*ref_state, 10, local, ref_state[3][local], ce_i, ce_b, ALPHA,
-                                     gather)
+    ref_w = reference.sample_weights(loss_state(ref_state, 10, ALPHA, gather), local,
+                                     ref_state[3][local], ce_i, ce_b)
     assert_close(w, ref_w, 1e-5, "W against reference")
 
 
@@ -206,8 +208,9 @@ def check_lff(batch, num_classes, dtype, form, device, gather=False, duplicates=
 
     before = clone_state(state)
     leaves = [t.detach().clone().requires_grad_() for t in logits]
-    loss, stats = weighting.lff_head(*leaves, label, index, *state, num_classes, q=0.7,
-                                     alpha=ALPHA, gce_form=form, gather=hook)
+    loss, stats = weighting.lff_head(*leaves, label, index,
+                                     loss_state(state, num_classes, ALPHA, hook),
+                                     LossSettings(q=0.7, gce_form=form))
     grads = torch.autograd.grad(loss * 2.0, leaves)
     ref_leaves = [t.detach().double().requires_grad_() for t in logits]
     upd = None

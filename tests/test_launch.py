@@ -54,12 +54,12 @@ def test_kit_files_agree_with_the_run_config_checks():
     for path in sorted(LAUNCH.glob("ds_zero*.json")):
         stage = int(path.name[len("ds_zero")])
         precision = "bf16" if "bf16" in path.name else "fp32"
-        cfg = config.resolve("bffhq", 0.5, "disent", {"train": {"zero_stage": stage,
-                                                                "precision": precision}})
+        cfg = config.resolve("bffhq", 0.5, "disent", {"parallel": {"zero_stage": stage},
+                                                      "compute": {"precision": precision}})
         merged = load_ds_config(path, cfg, 8)
         assert merged["train_micro_batch_size_per_gpu"] == 8
-        other = config.resolve("bffhq", 0.5, "disent", {"train": {"zero_stage": (stage + 1) % 3,
-                                                                  "precision": precision}})
+        other = config.resolve("bffhq", 0.5, "disent", {"parallel": {"zero_stage": (stage + 1) % 3},
+                                                        "compute": {"precision": precision}})
         from dfa_fast.errors import DfaError
         with pytest.raises(DfaError, match="zero_optimization.stage"):
             load_ds_config(path, other, 8)

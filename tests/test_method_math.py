@@ -10,6 +10,7 @@ import torch
 from dfa_fast import config, ops, schedule
 from dfa_fast.data.loaders import Batch
 from dfa_fast.engine import build_ds_config, initialize, prepare_environment
+from dfa_fast.kernels.reference import Linear, LossSettings, LossState, Swap
 from dfa_fast.methods import build_method
 
 Q, ALPHA = 0.7, 0.7
@@ -17,7 +18,7 @@ Q, ALPHA = 0.7, 0.7
 
 @pytest.fixture(autouse=True, params=["torch", "fused"])
 def torch_path(request, monkeypatch):
-    """Every test on the reference and on the fused PyTorch head (the CPU default)."""
+    """Every test on the reference and on the CPU default (the numba head and EMA pass)."""
     monkeypatch.setenv("DFA_KERNELS", request.param)
 
 
@@ -78,11 +79,11 @@ def test_ema_first_write_later_updates_class_max_and_weights():
     ema_i, ema_b = torch.zeros(n), torch.zeros(n)
     seen = torch.zeros(n, dtype=torch.bool)
     ref_i, ref_b, ref_seen = [0.0] * n, [0.0] * n, [False] * n
+    state = LossState(ema_i, ema_b, seen, labels, c, ALPHA)  # one state: as the trainer's
     for _ in range(6):
         index = torch.randint(0, n, (12,))  # duplicates happen: their mean is applied once
         ce_i, ce_b = torch.rand(12) * 3, torch.rand(12) * 3
-        w = ops.sample_weights(ema_i, ema_b, seen, labels, c, index, labels[index], ce_i, ce_b,
-                               ALPHA)
+        w = ops.sample_weights(state, index, labels[index], ce_i, ce_b)
         ref_i, seen_after = loop_ema(ref_i, ref_seen, index.tolist(), ce_i.double().tolist())
         ref_b, _ = loop_ema(ref_b, ref_seen, index.tolist(), ce_b.double().tolist())
         ref_seen = seen_after
@@ -103,8 +104,8 @@ def test_class_max_is_over_the_whole_buffer_not_the_batch():
     ema_b = torch.tensor([1.0, 0.0, 0.0, 0.0])
     seen = torch.tensor([True, False, False, False])
     index = torch.tensor([1])  # sample 0 (same class, larger EMA) is not in the batch
-    w = ops.sample_weights(ema_i, ema_b, seen, labels, 2, index, labels[index],
-                           torch.tensor([1.0]), torch.tensor([2.0]), ALPHA)
+    w = ops.sample_weights(LossState(ema_i, ema_b, seen, labels, 2, ALPHA), index,
+                           labels[index], torch.tensor([1.0]), torch.tensor([2.0]))
     e_i, e_b = 1.0 / 5.0, 2.0 / 2.0
     assert w.item() == pytest.approx(e_b / (e_b + e_i + 1e-8))
 
@@ -219,9 +220,11 @@ def head_gradients(z_i, z_b, lambda_dis, lambda_swap_b, perm):
     seen = torch.rand(64) < 0.5
     z_i, z_b = z_i.clone().requires_grad_(), z_b.clone().requires_grad_()
     index = torch.arange(0, 64, 2)
-    loss, _ = ops.disent_head(z_i, z_b, w_i, b_i, w_b, b_b, labels[index], index, ema_i, ema_b,
-                              seen, labels, 10, perm, lambda_dis=lambda_dis,
-                              lambda_swap_b=lambda_swap_b, lambda_swap=1.0)
+    loss, _ = ops.disent_head(z_i, z_b, labels[index], index, Linear(w_i, b_i), Linear(w_b, b_b),
+                              LossState(ema_i, ema_b, seen, labels, 10, ALPHA),
+                              None if perm is None else Swap(perm),
+                              LossSettings(q=Q, lambda_dis=lambda_dis,
+                                           lambda_swap_b=lambda_swap_b, lambda_swap=1.0))
     return torch.autograd.grad(loss, (z_i, z_b))
 
 

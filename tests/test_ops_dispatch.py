@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from dfa_fast import ops
-from kernel_oracle import (assert_close, assert_scratch_clean, clone_state, random_state,
-                           requires_cuda)
+from dfa_fast.kernels.reference import Linear, LossSettings, Swap
+from kernel_oracle import (assert_close, assert_scratch_clean, clone_state, loss_state,
+                           random_state, requires_cuda)
 from kernel_oracle import device, poison, seed  # noqa: F401 (fixtures)
 
 LAMBDAS = {"lambda_dis": 10.0, "lambda_swap_b": 10.0, "lambda_swap": 1.0}
+SETTINGS = LossSettings(**LAMBDAS)
 
 
 def test_cpu_tensors_use_the_pytorch_backends(monkeypatch):
@@ -93,7 +95,8 @@ def test_every_op_agrees_across_backends(device, seed, monkeypatch):
     weights = {}
     for name, st in states.items():
         monkeypatch.setenv("DFA_KERNELS", name)
-        weights[name] = ops.sample_weights(*st, C, index, st[3][index], ce_i, ce_b, 0.7)
+        weights[name] = ops.sample_weights(loss_state(st, C, 0.7), index, st[3][index], ce_i,
+                                           ce_b)
     assert_close(weights["triton"], weights["torch"], 1e-5, "sample_weights")
     for got, want in zip(states["triton"], states["torch"]):
         assert_close(got.double(), want.double(), 1e-6, "sample_weights state")
@@ -115,21 +118,21 @@ def finish_step(model, optimizer, loss, stats):
     return loss.detach(), {k: v.clone() for k, v in stats.items()}, grads
 
 
-def disent_step(model, optimizer, state, batch, num_classes, perm):
-    """One DisEnt step through ops.disent_head."""
+def disent_step(model, optimizer, state, batch, perm):
+    """One DisEnt step through ops.disent_head (``state``: a `LossState`)."""
     x, label, index = batch
-    loss, stats = ops.disent_head(model["enc_i"](x), model["enc_b"](x), model["cls_i"].weight,
-                                  model["cls_i"].bias, model["cls_b"].weight, model["cls_b"].bias,
-                                  label, index, *state, num_classes, perm, **LAMBDAS)
+    fc_i, fc_b = (Linear(model[name].weight, model[name].bias) for name in ("cls_i", "cls_b"))
+    loss, stats = ops.disent_head(model["enc_i"](x), model["enc_b"](x), label, index, fc_i, fc_b,
+                                  state, None if perm is None else Swap(perm), SETTINGS)
     return finish_step(model, optimizer, loss, stats)
 
 
-def lff_step(model, optimizer, state, batch, num_classes):
-    """One LfF step through ops.lff_head."""
+def lff_step(model, optimizer, state, batch):
+    """One LfF step through ops.lff_head (``state``: a `LossState`)."""
     x, label, index = batch
     logits_d = model["cls_i"](model["enc_i"](x))
     logits_b = model["cls_b"](model["enc_b"](x))
-    loss, stats = ops.lff_head(logits_d, logits_b, label, index, *state, num_classes)
+    loss, stats = ops.lff_head(logits_d, logits_b, label, index, state, SETTINGS)
     return finish_step(model, optimizer, loss, stats)
 
 
@@ -155,6 +158,7 @@ def test_whole_step_triton_matches_torch(method, device, seed, poison, monkeypat
         monkeypatch.setenv("DFA_KERNELS", backend)
         run_model = copy.deepcopy(model)
         run_state = clone_state(state)
+        step_state = loss_state(run_state, C)  # one state for both steps, as in training
         # Adam moves each weight by lr * g / (|g| + eps): with the default eps = 1e-8 a gradient
         # element of 1e-8 (they occur) turns a float32 rounding difference into a sign flip. The
         # larger eps bounds that sensitivity to lr / eps per unit of gradient error.
@@ -162,9 +166,9 @@ def test_whole_step_triton_matches_torch(method, device, seed, poison, monkeypat
         steps = []
         for batch, perm in zip(batches, perms):
             if method == "disent":
-                steps.append(disent_step(run_model, optimizer, run_state, batch, C, perm))
+                steps.append(disent_step(run_model, optimizer, step_state, batch, perm))
             else:
-                steps.append(lff_step(run_model, optimizer, run_state, batch, C))
+                steps.append(lff_step(run_model, optimizer, step_state, batch))
         results[backend] = (steps, run_state, run_model)
     (steps_t, state_t, model_t), (steps_r, state_r, model_r) = results["triton"], results["torch"]
     names = [name for name, _ in model.named_parameters()]

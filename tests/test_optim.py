@@ -114,7 +114,7 @@ def test_the_engine_uses_it_and_clears_the_gradients_after_a_step(tmp_path):
     from dfa_fast import config
     from dfa_fast.engine import build_ds_config, initialize, prepare_environment
     from dfa_fast.models import DisEntModel
-    cfg = config.resolve("cmnist", 1, "disent", {"train": {"device": "cpu"}})
+    cfg = config.resolve("cmnist", 1, "disent", {"compute": {"device": "cpu"}})
     prepare_environment(torch.device("cpu"))
     engine = initialize(DisEntModel(cfg.model, 10), cfg, {
         "train_batch_size": 256, "train_micro_batch_size_per_gpu": 256,
@@ -130,6 +130,7 @@ def test_the_engine_uses_it_and_clears_the_gradients_after_a_step(tmp_path):
     for old, p in zip(before, engine.module.parameters()):
         assert p.grad is None and not torch.equal(old, p)
     # Under ZeRO (listed optimizer types only) the engine gets torch.optim.Adam itself.
-    cfg = config.resolve("cmnist", 1, "disent", {"train": {"device": "cpu", "zero_stage": 1}})
+    cfg = config.resolve("cmnist", 1, "disent", {"compute": {"device": "cpu"},
+                                                 "parallel": {"zero_stage": 1}})
     engine = initialize(DisEntModel(cfg.model, 10), cfg, build_ds_config(cfg, 1))
     assert type(engine.basic_optimizer) is torch.optim.Adam

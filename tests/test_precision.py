@@ -1,4 +1,4 @@
-"""train.precision=bf16_mixed: the networks' products run in bf16 (autocast) while the weights,
+"""compute.precision=bf16_mixed: the networks' products run in bf16 (autocast) while the weights,
 gradients, Adam, heads, losses and EMA buffers stay float32; compared with the fp32 step from the
 same weights, and run end to end on real Colored MNIST."""
 import json
@@ -21,7 +21,7 @@ def torch_path(request, monkeypatch):
 
 
 def make_method(name, precision):
-    cfg = config.resolve("cmnist", 1, name, {"train": {"precision": precision},
+    cfg = config.resolve("cmnist", 1, name, {"compute": {"precision": precision},
                                              "method": {"swap_start": 0}})
     torch.manual_seed(0)
     method = build_method(cfg, 10, torch.device("cpu"))
@@ -68,7 +68,8 @@ def test_bf16_mixed_run_learns_on_colored_mnist(cmnist_full, tmp_path):
     cfg = config.resolve("cmnist", 1, "disent", {
         "data": {"path": str(cmnist_full / "1pct")},
         "train": {"steps": 300, "eval_every": 150, "log_every": 50, "ckpt_every": 300,
-                  "precision": "bf16_mixed", "progress": False},
+                  "progress": False},
+        "compute": {"precision": "bf16_mixed"},
         "method": {"swap_start": 100}})
     summary = train(cfg, tmp_path / "run")
     valid = summary["final"]["valid"]
@@ -90,8 +91,9 @@ def test_auto_precision_is_bf16_mixed_only_where_bf16_is_native(cmnist_full, tmp
     cfg = config.resolve("cmnist", 1, "vanilla", {
         "data": {"path": str(cmnist_full / "1pct")},
         "train": {"steps": 2, "eval_every": 2, "log_every": 1, "ckpt_every": 2,
-                  "precision": "auto", "progress": False}})
+                  "progress": False},
+        "compute": {"precision": "auto"}})
     train(cfg, tmp_path / "run")
     # The run saves what auto chose, so that a resume elsewhere keeps its arithmetic.
     saved = config.load(tmp_path / "run" / "config.yaml")
-    assert saved.train.precision == resolve_precision("auto", cpu)
+    assert saved.compute.precision == resolve_precision("auto", cpu)

@@ -244,7 +244,7 @@ def test_child_of_a_multithreaded_parent_does_not_hang(path, tmp_path):
 
 def test_ffcv_leaves_the_callers_thread_count(path):
     """FFCV's Loader sets PyTorch's thread count to its workers when made and at every epoch;
-    the loaders keep the caller's (the trainer's train.threads)."""
+    the loaders keep the caller's (the trainer's cpu.threads)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -91,10 +91,10 @@ def test_runs_of_other_settings_are_separate_rows_named_by_their_variant(tmp_pat
     precision) makes its own row, named by how it departs from the preset."""
     from dfa_fast import config
     root = tmp_path / "runs"
-    settings = [(0, {"train": {"threads": 1, "progress": False}}),
-                (1, {"train": {"threads": 2}, "data": {"path": "/elsewhere"}}),
-                (0, {"train": {"precision": "bf16_mixed"}}),
-                (1, {"train": {"precision": "bf16_mixed"}, "method": {"q": 0.8}})]
+    settings = [(0, {"cpu": {"threads": 1}, "train": {"progress": False}}),
+                (1, {"cpu": {"threads": 2}, "data": {"path": "/elsewhere"}}),
+                (0, {"compute": {"precision": "bf16_mixed"}}),
+                (1, {"compute": {"precision": "bf16_mixed"}, "method": {"q": 0.8}})]
     for i, (seed, overrides) in enumerate(settings):
         run_dir = root / f"run{i}"
         write_run(run_dir, method="disent", ratio=1.0, seed=seed, selected=80.0 + i,
@@ -102,17 +102,17 @@ def test_runs_of_other_settings_are_separate_rows_named_by_their_variant(tmp_pat
         config.save(config.resolve("cmnist", 1, "disent", overrides), run_dir / "config.yaml")
     rows = aggregate(find_summaries([root]))
     assert [(r["variant"], r["n_seeds"], r["test_acc_selected_mean"]) for r in rows] == [
-        ("", 2, 80.5), ("method.q=0.8, train.precision=bf16_mixed", 1, 83.0),
-        ("train.precision=bf16_mixed", 1, 82.0)]
+        ("", 2, 80.5), ("compute.precision=bf16_mixed", 1, 82.0),
+        ("method.q=0.8, compute.precision=bf16_mixed", 1, 83.0)]
     table = markdown_table(rows).splitlines()
     assert "| variant |" in table[0] and "| preset | 2 |" in table[2]
-    assert "| train.precision=bf16_mixed | 1 |" in table[4]
+    assert "| compute.precision=bf16_mixed | 1 |" in table[3]
     # the preset alone keeps the table without the column
     assert "variant" not in markdown_table(rows[:1])
 
 
 def test_what_a_presets_auto_precision_chose_is_the_preset_not_a_variant(tmp_path):
-    """cifar10c-fast says train.precision: auto; its runs save fp32 or bf16_mixed by machine and
+    """cifar10c-fast says compute.precision: auto; its runs save fp32 or bf16_mixed by machine and
     stay one cell, with the precisions they ran in listed."""
     from dfa_fast import config
     root = tmp_path / "runs"
@@ -120,7 +120,7 @@ def test_what_a_presets_auto_precision_chose_is_the_preset_not_a_variant(tmp_pat
         run_dir = root / f"run{seed}"
         write_run(run_dir, method="disent", ratio=1.0, seed=seed, selected=30.0, paper=31.0,
                   final=29.0, evals=[(500, 90.0, 30.0, 30.0)])
-        cfg = config.resolve("cifar10c-fast", 1, "disent", {"train": {"precision": precision}})
+        cfg = config.resolve("cifar10c-fast", 1, "disent", {"compute": {"precision": precision}})
         config.save(cfg, run_dir / "config.yaml")
     for summary in root.rglob("summary.json"):  # write_run's summaries are Colored MNIST's
         summary.write_text(summary.read_text().replace('"cmnist"', '"cifar10c"'))

@@ -33,7 +33,7 @@ def short_run(preset, ratio, data, tmp_path, steps, batch, method="disent", opti
         "data": {"path": str(data), "batch_size": batch, "eval_batch_size": 500,
                  "num_workers": 1, **data_overrides},
         "train": {"steps": steps, "eval_every": steps // 2, "log_every": 50,
-                  "ckpt_every": steps, "progress": False, "threads": 2}})
+                  "ckpt_every": steps, "progress": False}, "cpu": {"threads": 2}})
     summary = train(cfg, tmp_path / "run")
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
              .splitlines() if json.loads(line)["kind"] == "eval"]
@@ -65,7 +65,7 @@ def test_a_short_faces_run_learns(faces_built, tmp_path):
 
 def resnet_method(precision, channels_last):
     cfg = config.resolve("cifar10c", 1, "disent", {
-        "train": {"precision": precision}, "data": {"channels_last": channels_last},
+        "compute": {"precision": precision}, "data": {"channels_last": channels_last},
         "method": {"swap_start": 0}})
     torch.manual_seed(0)
     method = build_method(cfg, 10, torch.device("cpu"))

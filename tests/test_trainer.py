@@ -51,12 +51,12 @@ def test_disent_with_the_published_preset_learns_the_digits(cmnist_full, tmp_pat
 
 def test_the_step_runs_with_train_threads(cmnist_full, tmp_path, monkeypatch):
     """FFCV sets PyTorch's thread count when first imported, when a loader is made and at every
-    epoch (evaluation included); the training step must keep train.threads all the same."""
+    epoch (evaluation included); the training step must keep cpu.threads all the same."""
     before = torch.get_num_threads()
     try:
         cfg = run_config(cmnist_full / "1pct", train={"steps": 30, "eval_every": 20,
-                                                      "log_every": 10, "ckpt_every": 30,
-                                                      "threads": 2}, data={"num_workers": 1})
+                                                      "log_every": 10, "ckpt_every": 30},
+                         cpu={"threads": 2}, data={"num_workers": 1})
         trainer = Trainer(cfg, tmp_path / "run")
         seen, step = [], trainer.method.step
         monkeypatch.setattr(trainer.method, "step", lambda batch, i: (
@@ -130,7 +130,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(cmnist_ful
 def test_a_nan_in_any_micro_batch_of_an_accumulated_step_stops_the_run(cmnist_full, tmp_path,
                                                                         monkeypatch):
     cfg = run_config(cmnist_full / "1pct", train={"steps": 6, "eval_every": 100, "log_every": 2,
-                                                 "ckpt_every": 2, "grad_accum": 2})
+                                                 "ckpt_every": 2}, parallel={"grad_accum": 2})
     trainer = Trainer(cfg, tmp_path / "run")
     real_step, calls = trainer.method.step, []
 
@@ -244,8 +244,8 @@ def test_data_without_matching_sidecar_is_refused(cmnist_full, tmp_path):
     (lambda: config.resolve("cmnist", 1, "disent", {"optim": {"lr": "fast"}}),
      "optim.lr='fast' is not valid; expected a float"),
     (lambda: config.resolve("cmnist", 1, "disent", {"optim": {"lr": -1}}), "optim.lr=-1.0"),
-    (lambda: config.resolve("cmnist", 1, "disent", {"train": {"zero_stage": 3}}),
-     "train.zero_stage=3 is not valid"),
+    (lambda: config.resolve("cmnist", 1, "disent", {"parallel": {"zero_stage": 3}}),
+     "parallel.zero_stage=3 is not valid"),
     (lambda: config.parse_overrides(["optim.lr"]), "is not section.key=value"),
 ])
 def test_config_errors(call, message):

@@ -69,7 +69,7 @@ def own_threads():
     """Keep the calling thread's PyTorch and numba thread counts across a call into FFCV: its
     compiler sets both to 1 when FFCV is first imported, and its `Loader` to the worker count when
     made and at every epoch, in the calling thread; a CPU training step would then run with
-    ``data.num_workers`` threads instead of ``train.threads``."""
+    ``data.num_workers`` threads instead of ``cpu.threads``."""
     import numba
     import torch
 
