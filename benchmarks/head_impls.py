@@ -2,12 +2,11 @@
 
 Times the real trainer (Colored MNIST 1 %, DisEnt, swap on from step 0, one thread) with the
 implementation that `dfa_fast.ops` chooses for the head, and again with that implementation taken
-out of the table, so the next one (after this issue's change the PyTorch reference with autograd)
-runs. Cases: the ones that
-reach the closed-form PyTorch head (`kernels/fused_torch.py`) on a CPU: ``precision=bf16``
-(bfloat16 features) and a data-parallel gather (one process with an identity gather: the head's
-work of a rank, without the communication, which both implementations would pay alike); and, for
-scale, fp32 in one process, where the compiled numba head runs. Rounds alternate the two
+out of the table, so the next one (the PyTorch reference with autograd) runs. Cases: fp32 in one
+process, where the compiled numba head runs; ``precision=bf16`` (bfloat16 features) and a
+data-parallel gather (one process with an identity gather: the head's work of a rank, without the
+communication, which both implementations would pay alike), which a closed-form PyTorch head
+(`kernels/fused_torch.py`, deleted after this measurement) took before. Rounds alternate the two
 implementations of a case; each figure is the median over rounds.
 
     python benchmarks/head_impls.py --data data/cmnist/1pct [--rounds 5 --steps 1500]

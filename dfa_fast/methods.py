@@ -5,6 +5,7 @@ synchronises with the host: statistics stay on the device, permutations are draw
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -108,9 +109,9 @@ class _EMAMethod(Method):
         self.ema = SampleLossEMA(train_labels, self.num_classes, self.cfg.method.ema_alpha,
                                  self.device, train_biases)
 
-    @property
+    @functools.cached_property
     def settings(self) -> LossSettings:
-        """The heads' loss hyperparameters, from the method's config."""
+        """The heads' loss hyperparameters, from the method's config (built once)."""
         m = self.cfg.method
         return LossSettings(q=m.q, gce_form=m.gce_form, lambda_dis=m.lambda_dis,
                             lambda_swap_b=m.lambda_swap_b, lambda_swap=m.lambda_swap)
