@@ -96,8 +96,8 @@ FFCV_OK=0
 
 # PYTHONSAFEPATH: `python -m pytest` must not put the repository root first on sys.path, where
 # dfa_fast/ lacks dfa_fast.kernels (installed from kernels/); tests/ still goes on sys.path.
-KERNEL_TESTS=(tests/test_kernel_gce.py tests/test_kernel_weighting.py
-    tests/test_kernel_permute_concat.py tests/test_kernel_head.py tests/test_ops_dispatch.py)
+KERNEL_TESTS=(tests/test_kernel_gce.py tests/test_kernel_weighting.py tests/test_kernel_head.py
+    tests/test_ops_dispatch.py)
 XDIST=()
 "$PY" -c 'import xdist' 2>/dev/null && XDIST=(-n 12)
 if [ "$DRY" = 1 ]; then

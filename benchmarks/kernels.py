@@ -42,8 +42,7 @@ LARGE = (65536, 10, 512)
 PUBLISHED_N = 60000
 LAMBDAS = {"lambda_dis": 10.0, "lambda_swap_b": 10.0, "lambda_swap": 1.0}
 ALPHA = 0.7
-OPS = ("disent_head", "lff_head", "gce", "weighted_cross_entropy", "sample_weights",
-       "permute_concat")
+OPS = ("disent_head", "lff_head", "gce", "weighted_cross_entropy", "sample_weights")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -76,8 +75,6 @@ def essential_bytes(op: str, B: int, C: int, D: int, N: int, itemsize: int) -> i
         return 2 * logits + B * 4 + 8 * B
     if op == "sample_weights":
         return ema_batch + ema_pass + 4 * B
-    if op == "permute_concat":
-        return 10 * features                               # 2 in, 4 out; 2 grads in, 2 out
     if op == "lff_head":
         return 4 * logits + ema_batch + ema_pass
     if op == "disent_head":
@@ -113,12 +110,6 @@ def build_case(op, B, C, D, N, dtype, device, impl):
     if op == "sample_weights":
         ce_i, ce_b = torch.rand(B, device=device), torch.rand(B, device=device)
         return lambda: impl.sample_weights(state, index, label, ce_i, ce_b)
-    if op == "permute_concat":
-        z_i, z_b = leaf(B, D), leaf(B, D)
-        perm = torch.randperm(B, device=device)
-        grads = [torch.ones(B, 2 * D, device=device, dtype=dtype)] * 2
-        return lambda: torch.autograd.grad(impl.permute_concat(z_i, z_b, perm), (z_i, z_b),
-                                           grads)
     if op == "lff_head":
         logits = [leaf(B, C, scale=3.0), leaf(B, C, scale=3.0)]
         return lambda: torch.autograd.grad(

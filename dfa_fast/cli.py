@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--verify", action="store_true", help="also check each file's sha256")
 
     train = commands.add_parser("train", help="train a method on prepared data")
-    train.add_argument("--preset", help="cmnist | cifar10c | bffhq")
+    presets = sorted(p.stem for p in (Path(__file__).parent / "presets").glob("*.yaml"))
+    train.add_argument("--preset", help=" | ".join(presets))
     train.add_argument("--ratio", type=float, help="bias-conflicting percentage, e.g. 1")
     train.add_argument("--method", help="vanilla | lff | disent")
     train.add_argument("--data", type=Path,
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_ops() -> None:
+def run_ops(args: argparse.Namespace) -> None:
     """Print the implementation each operation gets on this machine, per case, with versions."""
     import torch
     from dfa_fast import ops
@@ -283,18 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             for folder in run_prepare(args):
                 print(f"wrote {folder}")
-        elif args.command == "data":
-            run_data_info(args)
-        elif args.command == "train":
-            run_train(args)
-        elif args.command == "eval":
-            run_eval(args)
-        elif args.command == "report":
-            run_report(args)
-        elif args.command == "plot":
-            run_plot(args)
-        elif args.command == "ops":
-            run_ops()
+        else:
+            {"data": run_data_info, "train": run_train, "eval": run_eval, "report": run_report,
+             "plot": run_plot, "ops": run_ops}[args.command](args)
     except DfaError as err:
         import os
         world = int(os.environ.get("WORLD_SIZE", 1))

@@ -306,18 +306,16 @@ def translate(data: Optional[dict], where: str = "config") -> dict:
     return out
 
 
-# Fields that may differ when a run is resumed: how long it runs, how it is displayed, and
-# whether the CPU loader runs in a child process (new key names: an old saved config is read into
-# the new sections before it is compared).
+# Fields that may differ when a run is resumed: how long it runs, how it is displayed, whether the
+# CPU loader runs in a child process (the same batches either way) and how many CPU threads compute
+# it (the same operations; a sum split over threads may round differently). New key names: an old
+# saved config is read into the new sections before it is compared.
 RESUMABLE_CHANGES = {("train", "steps"), ("train", "progress"), ("train", "tensorboard"),
-                     ("data", "loader_process")}  # the same batches either way
+                     ("data", "loader_process"), ("cpu", "threads")}
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
     """Return ``value`` as the field type ``kind``, or raise naming the key."""
-    if typing.get_origin(kind) is typing.Union:  # Optional[...]
-        inner = [k for k in typing.get_args(kind) if k is not type(None)][0]
-        return None if value is None else _coerce(key, value, inner)
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -115,14 +115,10 @@ def build_ds_config(cfg: RunConfig, world: int) -> dict:
 
 def check_ds_config(given: dict, expected: dict, path: Path) -> None:
     """Raise if a user's ds_config disagrees with the run config on what the run depends on."""
-    checks = {
-        "train_batch_size": expected["train_batch_size"],
-        "train_micro_batch_size_per_gpu": expected["train_micro_batch_size_per_gpu"],
-        "gradient_accumulation_steps": expected["gradient_accumulation_steps"],
-    }
-    for key, value in checks.items():
-        if key in given and given[key] != value:
-            raise DfaError(f"{path}: {key}={given[key]} but the run config needs {value} "
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps"):
+        if key in given and given[key] != expected[key]:
+            raise DfaError(f"{path}: {key}={given[key]} but the run config needs {expected[key]} "
                            "(data.batch_size, parallel.grad_accum and the number of ranks)")
     for key in ("bf16", "fp16"):
         if bool(given.get(key, {}).get("enabled")) != expected[key]["enabled"]:

@@ -20,6 +20,7 @@ also on CPU tensors, under ``TRITON_INTERPRET=1``, which the tests set), then th
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -37,11 +38,6 @@ def forced_backend() -> str:
     if forced and forced not in BACKENDS:
         raise ValueError(f"DFA_KERNELS={forced!r} is not a backend; expected one of {BACKENDS}")
     return forced
-
-
-def backend(tensor: torch.Tensor) -> str:
-    """Return the backend ("triton", "fused" or "torch") preferred for operations on ``tensor``."""
-    return forced_backend() or ("triton" if tensor.is_cuda else "fused")
 
 
 @dataclass(frozen=True)
@@ -63,46 +59,33 @@ def _triton_device(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or (forced_backend() == "triton" and tensor.device.type == "cpu")
 
 
-def _triton(name: str) -> Callable[[], Callable]:
-    def load():
-        from dfa_fast.kernels import triton_ops  # lazily: a CPU run needs no Triton
-        return getattr(triton_ops, name)
-    return load
+def _kernel(module: str, name: str) -> Callable:
+    """Return ``dfa_fast.kernels.<module>.<name>``, imported on first use (a CPU run imports no
+    Triton)."""
+    return getattr(importlib.import_module(f"dfa_fast.kernels.{module}"), name)
 
 
-def _numba_weighting():
-    from dfa_fast.kernels import numba_weighting
-    return numba_weighting
+def _loader(module: str, name: str) -> Callable[[], Callable]:
+    return functools.partial(_kernel, module, name)
 
 
 def _takes_state(state, *_args, **_kwargs) -> bool:
-    return _numba_weighting().takes(state)
+    return _kernel("numba_weighting", "takes")(state)
 
 
 def _numba_head_supports(*args, **kwargs) -> bool:
-    from dfa_fast.kernels import numba_head
-    return numba_head.usable(*args, **kwargs)
-
-
-def _load_numba_head():
-    from dfa_fast.kernels import numba_head
-    return numba_head.disent_head
+    return _kernel("numba_head", "usable")(*args, **kwargs)
 
 
 def _load_numba_lff_head():
     def head(*args, **kwargs):
-        return reference.lff_head(*args, weigh=_numba_weighting().sample_weights, **kwargs)
+        return reference.lff_head(*args, weigh=_kernel("numba_weighting", "sample_weights"),
+                                  **kwargs)
     return head
 
 
 def _onednn_supports(x, layers) -> bool:
-    from dfa_fast.kernels import onednn_linear
-    return onednn_linear.usable(x, layers[0].weight)
-
-
-def _load_onednn_chain():
-    from dfa_fast.kernels import onednn_linear
-    return onednn_linear.linear_relu_chain
+    return _kernel("onednn_linear", "usable")(x, layers[0].weight)
 
 
 def _torch_chain(x, layers):
@@ -116,7 +99,7 @@ def _in_batch_swap(z_i, z_b, label, index, fc_i, fc_b, state, swap, *_args, **_k
 
 
 def _triton_impl(name: str, extra: Callable[..., bool] = _always) -> Impl:
-    return Impl("triton", "triton", _triton(name),
+    return Impl("triton", "triton", _loader("triton_ops", name),
                 lambda first, *args, **kwargs: _triton_device(first)
                 and extra(first, *args, **kwargs))
 
@@ -129,30 +112,28 @@ TABLE: dict[str, tuple[Impl, ...]] = {
     "cross_entropy": (_triton_impl("cross_entropy"), _reference("cross_entropy")),
     "gce": (_triton_impl("gce"), _reference("gce")),
     "sample_weights": (
-        Impl("triton", "triton", _triton("sample_weights"),
+        Impl("triton", "triton", _loader("triton_ops", "sample_weights"),
              lambda state, *_a, **_k: _triton_device(state.ema_i)),
-        Impl("numba", "fused", lambda: _numba_weighting().sample_weights, _takes_state),
+        Impl("numba", "fused", _loader("numba_weighting", "sample_weights"), _takes_state),
         _reference("sample_weights")),
     "weighted_cross_entropy": (_triton_impl("weighted_cross_entropy"),
                                _reference("weighted_cross_entropy")),
-    "permute_concat": (_triton_impl("permute_concat"), _reference("permute_concat")),
     # A swap across data-parallel ranks (swap.source) picks rows of the whole global batch: only
     # the reference permutes beyond its own rows. Other dtypes and a gather also go to the
     # reference (a closed-form PyTorch head for them was within the noise of it in the trainer:
     # benchmarks/results/head_impls-before-fused-torch-removal.md).
     "disent_head": (
         _triton_impl("disent_head", _in_batch_swap),
-        Impl("numba", "fused", _load_numba_head, _numba_head_supports),
+        Impl("numba", "fused", _loader("numba_head", "disent_head"), _numba_head_supports),
         _reference("disent_head")),
     "lff_head": (
         _triton_impl("lff_head"),
         Impl("numba", "fused", _load_numba_lff_head,
-             lambda logits_d, logits_b, label, index, state, *_a, **_k:
-             _numba_weighting().takes(state)),
+             lambda logits_d, logits_b, label, index, state, *_a, **_k: _takes_state(state)),
         _reference("lff_head")),
     # The MLP encoder's Linear + ReLU layers (B, in) -> (B, out): float32 CPU, outside autocast.
     "linear_relu_chain": (
-        Impl("onednn", "fused", _load_onednn_chain, _onednn_supports),
+        Impl("onednn", "fused", _loader("onednn_linear", "linear_relu_chain"), _onednn_supports),
         Impl("torch", "torch", lambda: _torch_chain, _always)),
 }
 
@@ -209,11 +190,6 @@ def weighted_cross_entropy(logits, target, weight):
     return _run("weighted_cross_entropy", logits, target, weight)
 
 
-def permute_concat(z_i, z_b, perm=None):
-    """Return the intrinsic and bias classifier inputs, each (B, 2D), with the stop-gradients."""
-    return _run("permute_concat", z_i, z_b, perm)
-
-
 def disent_head(z_i, z_b, label, index, fc_i, fc_b, state, swap, settings):
     """Return the DisEnt loss and its statistics (see `reference.disent_head`)."""
     return _run("disent_head", z_i, z_b, label, index, fc_i, fc_b, state, swap, settings)
@@ -253,7 +229,6 @@ def examples(device: str = "cpu", gather: bool = False) -> dict[str, tuple[tuple
         "gce": ((logits, target), {}),
         "sample_weights": ((state, index, target, target.float(), target.float()), {}),
         "weighted_cross_entropy": ((logits, target, target.float()), {}),
-        "permute_concat": ((z, z), {}),
         "disent_head": ((z, z, target, index, fc, fc, state, None, settings), {}),
         "lff_head": ((logits, logits, target, index, state, settings), {}),
         "linear_relu_chain": ((z, layers), {}),

@@ -50,13 +50,9 @@ def run_variant(saved: dict | None, summary: dict) -> str:
     return ", ".join(f"{section}.{key}={value}" for section, values in saved.items()
                      for key, value in values.items()
                      if value != preset[section][key] and (section, key) not in NOT_VARIANT
-                     and not chosen_by_auto(section, key, preset))
-
-
-def chosen_by_auto(section: str, key: str, preset: dict) -> bool:
-    """Whether a saved value is what the preset's ``auto`` resolved to on the run's machine (the
-    precision of ``compute.precision: auto``): the preset itself, not a variant of it."""
-    return preset[section][key] == "auto"
+                     # what the preset's ``auto`` resolved to on the run's machine (precision
+                     # auto) is the preset itself, not a variant of it
+                     and preset[section][key] != "auto")
 
 
 def find_summaries(paths: list[Path]) -> list[dict]:

@@ -151,11 +151,8 @@ class Trainer:
                                               num_workers=cfg.data.num_workers)
         if cfg.data.loader_process:
             self.train_loader = load_in_child(self.train_loader)
-        self.eval_loaders = {
-            name: make_eval_loader(folder / f"{split}.beton", cfg.data.eval_batch_size,
-                                   device=self.device, distributed=self.world > 1,
-                                   transform=transform, num_workers=cfg.data.num_workers)
-            for name, split in (("valid", cfg.data.valid_split), ("test", cfg.data.test_split))}
+        self.eval_loaders = {name: split_loader(self, split, transform) for name, split in
+                             (("valid", cfg.data.valid_split), ("test", cfg.data.test_split))}
         self.record = Record(t.report_metric)
         self.checkpoints = Checkpoints(self.run_dir, self.rank)
         self.start_step = 0
@@ -390,12 +387,14 @@ def load_run(run_dir: Path, checkpoint: str = "best") -> "Trainer":
     return trainer
 
 
-def split_loader(trainer: "Trainer", split: str):
-    """Return the sequential (sharded when distributed) loader of a prepared split of the run."""
+def split_loader(trainer: "Trainer", split: str, transform: Optional[ImageTransform] = None):
+    """Return the sequential (sharded when distributed) loader of a prepared split of the run,
+    with the run's image preparation (``transform``, built from the config if not given)."""
     cfg = trainer.cfg
     return make_eval_loader(Path(cfg.data.path) / f"{split}.beton", cfg.data.eval_batch_size,
                             device=trainer.device, distributed=trainer.world > 1,
-                            transform=build_transform(cfg), num_workers=cfg.data.num_workers)
+                            transform=build_transform(cfg) if transform is None else transform,
+                            num_workers=cfg.data.num_workers)
 
 
 def evaluate_run(run_dir: Path, splits: list[str], checkpoint: str = "best") -> dict:

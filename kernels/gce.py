@@ -206,9 +206,10 @@ def _scale_rows_kernel(grad_ptr, grad_out_ptr, grad_out_stride, out_ptr, R, C,
              (grad * g[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows_contiguous(logits: torch.Tensor) -> torch.Tensor:
-    # The kernels take a row stride but need unit stride along the classes.
-    return logits if logits.stride(1) == 1 else logits.contiguous()
+def unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """Return ``t`` with unit stride along its last dimension: the kernels take a row stride but
+    need contiguous rows (classes, features)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def row_loss_forward(logits: torch.Tensor, target: torch.Tensor, loss: int, q: float = 0.7,
@@ -217,7 +218,7 @@ def row_loss_forward(logits: torch.Tensor, target: torch.Tensor, loss: int, q: f
     """Return (loss, d loss/d logits in float32 or None): per-sample (B,) or, with ``reduce``,
     the scalar mean of ``weight * loss``; one launch (two when a reduction spans several programs).
     """
-    logits = _rows_contiguous(logits)
+    logits = unit_stride(logits)
     B, C = logits.shape
     BLOCK_C = block_classes(C)
     BLOCK_B = block_rows(C)

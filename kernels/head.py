@@ -309,10 +309,6 @@ def _sum_splits_kernel(partial_ptr, n_splits, numel, grad_loss_ptr, out_ptr,
     tl.store(out_ptr + offs, (acc * g).to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _unit_stride(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
 def _feature_block(D: int, cap: int) -> int:
     return max(16, min(_gce.tile(cap, 128), triton.next_power_of_2(D)))
 
@@ -333,7 +329,7 @@ class DisentHeadFunction(torch.autograd.Function):
         q, gce_form = settings.q, settings.gce_form
         lambda_dis, lambda_swap_b, lambda_swap = (settings.lambda_dis, settings.lambda_swap_b,
                                                   settings.lambda_swap)
-        z_i, z_b = _unit_stride(z_i), _unit_stride(z_b)
+        z_i, z_b = _gce.unit_stride(z_i), _gce.unit_stride(z_b)
         weight_i, weight_b = weight_i.contiguous(), weight_b.contiguous()
         label, index = label.contiguous(), index.contiguous()
         B, D = z_i.shape

@@ -190,14 +190,10 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     return (weight.detach() * cross_entropy(logits, target)).mean()
 
 
-def permute_concat(z_i: torch.Tensor, z_b: torch.Tensor,
-                   perm: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the classifier inputs ([z_i, sg(z_b[pi])], [sg(z_i), z_b[pi]]), each (B, 2D).
-
-    Without ``perm`` the bias features stay in place (the un-swapped inputs of the DisEnt step).
-    """
-    z_b_perm = z_b if perm is None else z_b[perm]
-    return torch.cat([z_i, z_b_perm.detach()], 1), torch.cat([z_i.detach(), z_b_perm], 1)
+def permute_concat(z_i: torch.Tensor, z_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the classifier inputs ([z_i, sg(z_b)], [sg(z_i), z_b]), each (B, 2D); the swap
+    passes the permuted bias features as ``z_b``."""
+    return torch.cat([z_i, z_b.detach()], 1), torch.cat([z_i.detach(), z_b], 1)
 
 
 def disent_head(z_i: torch.Tensor, z_b: torch.Tensor, label: torch.Tensor, index: torch.Tensor,

@@ -8,7 +8,6 @@ compare the two. Launches per call (forward / backward):
 | cross_entropy, gce | 1 | 1 |
 | weighted_cross_entropy | 1 (2 beyond 256 rows at <= 16 classes: a zeroed scalar) | 1 |
 | sample_weights | 3 (scatter, EMA apply + class max, weights) | - |
-| permute_concat | 1 | 1 |
 | lff_head | 3 (4 with ``gather``) | 1 |
 | disent_head | 3 (4 with ``gather``) | 1 (2 above 2048 rows) |
 
@@ -20,8 +19,7 @@ ranks (``Swap.source``, the global batch to permute over) to the PyTorch referen
 """
 from .gce import cross_entropy, gce
 from .head import disent_head
-from .permute_concat import permute_concat
 from .weighting import lff_head, sample_weights, weighted_cross_entropy
 
-__all__ = ["cross_entropy", "gce", "sample_weights", "weighted_cross_entropy", "permute_concat",
-           "disent_head", "lff_head"]
+__all__ = ["cross_entropy", "gce", "sample_weights", "weighted_cross_entropy", "disent_head",
+           "lff_head"]

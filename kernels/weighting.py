@@ -320,8 +320,8 @@ class LffHeadFunction(torch.autograd.Function):
         ema_d, ema_b, seen, labels = state.ema_i, state.ema_b, state.seen, state.labels
         num_classes, alpha, gather = state.num_classes, state.alpha, state.gather
         q, gce_form = settings.q, settings.gce_form
-        logits_d = _gce._rows_contiguous(logits_d)
-        logits_b = _gce._rows_contiguous(logits_b)
+        logits_d = _gce.unit_stride(logits_d)
+        logits_b = _gce.unit_stride(logits_b)
         B, C = logits_d.shape
         device = logits_d.device
         n = ema_d.numel()

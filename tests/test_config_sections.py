@@ -82,8 +82,9 @@ def test_resuming_a_run_saved_before_the_split_reports_no_differences(tmp_path):
     changed = new_style(compute={"device": "cpu", "precision": "fp32"},
                         train={"steps": 99, "progress": False})
     assert config.differences(saved, changed) == ["compute.precision: 'bf16_mixed' -> 'fp32'"]
-    assert config.differences(saved, new_style(cpu={"threads": 1, "flush_denormal": False})) == [
-        "cpu.threads: 3 -> 1"]
+    assert config.differences(saved, new_style(cpu={"threads": 3, "flush_denormal": True})) == [
+        "cpu.flush_denormal: False -> True"]
+    assert config.differences(saved, new_style(cpu={"threads": 1, "flush_denormal": False})) == []
 
 
 def test_old_and_new_override_names_give_the_same_config():
@@ -183,8 +184,8 @@ def test_a_real_run_saved_in_the_old_layout_resumes(cmnist_full, tmp_path):
     more = dataclasses.replace(saved, train=dataclasses.replace(saved.train, steps=6))
     resumed = Trainer(more, run, resume=True)  # only a resumable change: no error
     assert resumed.start_step == 4 and resumed.run()["steps"] == 6
-    other = dataclasses.replace(saved, cpu=dataclasses.replace(saved.cpu, threads=2))
-    with pytest.raises(DfaError, match=r"different config \(cpu.threads: 1 -> 2\)"):
+    other = dataclasses.replace(saved, cpu=dataclasses.replace(saved.cpu, flush_denormal=False))
+    with pytest.raises(DfaError, match=r"different config \(cpu.flush_denormal: True -> False\)"):
         Trainer(other, run, resume=True)
 
 

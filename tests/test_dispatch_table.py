@@ -17,13 +17,13 @@ from dfa_fast.kernels import numba_head, numba_weighting, onednn_linear, referen
 
 REPO = Path(__file__).resolve().parents[1]
 OPERATIONS = ("cross_entropy", "gce", "sample_weights", "weighted_cross_entropy",
-              "permute_concat", "disent_head", "lff_head", "linear_relu_chain")
+              "disent_head", "lff_head", "linear_relu_chain")
 ONEDNN = "onednn" if onednn_linear.available() else "torch"
 # operation: (fp32, bf16 inputs, bf16 autocast, gather) on a CPU without DFA_KERNELS.
 CPU_DEFAULT = {
     "cross_entropy": ("torch",) * 4, "gce": ("torch",) * 4,
     "sample_weights": ("numba",) * 4,  # the EMA buffers are float32 whatever the inputs
-    "weighted_cross_entropy": ("torch",) * 4, "permute_concat": ("torch",) * 4,
+    "weighted_cross_entropy": ("torch",) * 4,
     # Other dtypes and a gather: the reference (the compiled head takes float32 only).
     "disent_head": ("numba", "torch", "numba", "torch"),
     "lff_head": ("numba",) * 4,  # the reference's losses with the numba EMA pass

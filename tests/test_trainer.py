@@ -152,6 +152,9 @@ def test_resume_with_a_different_config_is_refused_unless_forced(cmnist_full, tm
         Trainer(changed, tmp_path / "r", resume=True)
     longer = run_config(data, train={"steps": 10, "eval_every": 5, "ckpt_every": 5})
     assert Trainer(longer, tmp_path / "r", resume=True).start_step == 5  # more steps is fine
+    more_threads = run_config(data, train={"steps": 10, "eval_every": 5, "ckpt_every": 5},
+                              cpu={"threads": 2})
+    assert Trainer(more_threads, tmp_path / "r", resume=True).cfg.cpu.threads == 2
     with pytest.raises(DfaError, match="already holds a run"):
         Trainer(longer, tmp_path / "r")
     forced = Trainer(changed, tmp_path / "r", resume=True, force=True)

@@ -154,11 +154,6 @@ def write_split(folder: Path, split: str, images: Sequence[np.ndarray], labels: 
     return sidecar
 
 
-def sidecar_path(beton: Path) -> Path:
-    """Return the sidecar path that belongs to a `.beton`."""
-    return beton.with_suffix(".json")
-
-
 def load_sidecar(beton: Path | str, verify: bool = False) -> dict:
     """Return the sidecar of a `.beton` after checking that it matches the file.
 
@@ -167,7 +162,7 @@ def load_sidecar(beton: Path | str, verify: bool = False) -> dict:
     beton = Path(beton)
     if not beton.is_file():
         raise DfaError(f"{beton}: no such .beton file; build it with `dfa-fast prepare ...`")
-    side = sidecar_path(beton)
+    side = beton.with_suffix(".json")
     if not side.is_file():
         raise DfaError(f"{beton}: sidecar {side.name} is missing; expected the JSON written by "
                        "`dfa-fast prepare` next to every .beton (rebuild the data set)")
@@ -209,8 +204,7 @@ def atomic_folder(final: Path, overwrite: bool) -> Iterator[Path]:
     An existing ``final`` is refused without ``overwrite``; with it, the old folder is removed only
     after the new one is complete, so an interrupted build loses nothing and leaves no `.beton`.
     """
-    if final.exists() and not overwrite:
-        raise DfaError(f"{final} already exists; pass --overwrite to replace it")
+    refuse_existing([final], overwrite)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

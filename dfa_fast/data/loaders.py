@@ -28,6 +28,7 @@ import torch
 from dfa_fast.data.augment import ImageTransform, sample_keys
 from dfa_fast.data.beton import import_ffcv, load_sidecar, own_threads
 from dfa_fast.config import TRAIN_ORDERS
+from dfa_fast.distributed import rank_and_world
 from dfa_fast.errors import DfaError
 
 
@@ -42,17 +43,6 @@ class Batch:
 
     def __len__(self) -> int:
         return self.label.shape[0]
-
-
-def usable_cores() -> int:
-    """Return the number of CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0))
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class DeviceLoader:
@@ -139,7 +129,7 @@ def _global_shuffle_order():
 
     class GlobalShuffle(TraversalOrder):
         def sample_order(self, epoch: int) -> np.ndarray:
-            rank, world = _world() if self.distributed else (0, 1)
+            rank, world = rank_and_world() if self.distributed else (0, 1)
             order = self.indices[np.random.default_rng([self.seed, epoch]).permutation(
                 len(self.indices))]
             return order[: len(order) - len(order) % world][rank::world]
@@ -181,7 +171,7 @@ def _pipelines(device: torch.device, transform: Optional[ImageTransform] = None)
 
 
 def _workers(num_workers: Optional[int]) -> int:
-    cores = usable_cores()
+    cores = len(os.sched_getaffinity(0))  # the cores this process may run on
     return cores if num_workers is None or num_workers < 1 else min(num_workers, cores)
 
 
@@ -202,7 +192,7 @@ def make_train_loader(path: Path | str, batch_size: int, *, seed: int,
     if order == "quasi_random" and distributed:
         raise DfaError("order 'quasi_random' is not supported with distributed=True (FFCV cannot "
                        "split it across ranks); use order 'random'")
-    _, world = _world() if distributed else (0, 1)
+    _, world = rank_and_world() if distributed else (0, 1)
     if batch_size < 1 or batch_size * world > meta["num_samples"]:
         raise DfaError(f"batch size {batch_size} x {world} rank(s) does not fit the "
                        f"{meta['num_samples']} samples of {path}")
@@ -224,7 +214,7 @@ def make_eval_loader(path: Path | str, batch_size: int, *, device: torch.device 
     from ffcv.loader import Loader, OrderOption
 
     meta = load_sidecar(path)
-    rank, world = _world() if distributed else (0, 1)
+    rank, world = rank_and_world() if distributed else (0, 1)
     shard = np.array_split(np.arange(meta["num_samples"], dtype=np.uint64), world)[rank]
     device = torch.device(device)
     with own_threads():

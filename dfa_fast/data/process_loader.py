@@ -167,7 +167,7 @@ class ProcessLoader:
     """A `DeviceLoader` (CPU) whose `stream` runs in a forked child process; see the module doc.
 
     Same interface as `DeviceLoader` for training: ``len``, `stream`, `state_dict`,
-    `load_state_dict`, ``epoch``, ``position``; ``close`` stops the child (also on deletion).
+    `load_state_dict`; ``close`` stops the child (also on deletion).
     The child ends with the thread that started the stream (``PR_SET_PDEATHSIG``), so a stream
     is meant for the thread that trains.
     """
@@ -194,14 +194,6 @@ class ProcessLoader:
 
     def __len__(self) -> int:
         return len(self.inner)
-
-    @property
-    def epoch(self) -> int:
-        return self.inner.epoch
-
-    @property
-    def position(self) -> int:
-        return self.inner.position
 
     def state_dict(self) -> dict:
         """Return the place of the last batch taken (epoch and batches taken in it)."""

@@ -5,7 +5,6 @@ import numpy as np
 
 from dfa_fast.errors import DfaError
 
-PUBLISHED_RATIOS_PCT = (0.5, 1.0, 2.0, 5.0)
 # How a builder biases its valid split: uniformly like test, or at the training ratio (published).
 VALID_BIAS_MODES = ("balanced", "ratio")
 
