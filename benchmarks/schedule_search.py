@@ -3,7 +3,9 @@ from the run directories themselves, so the search is evidence and not only its 
 
     python benchmarks/schedule_search.py --name schedule-search-cifar10c runs/search/c1-*
 
-Each row: the run's departures from its preset (the variant), steps done of steps planned, the
+Rows already in benchmarks/results/<name>.json whose run is not given are kept (run folders do not
+outlive the machine; the results file does), so a search adds up over sessions; a given run replaces
+its old row. Each row: the run's departures from its preset (the variant), steps done of steps planned, the
 test number at the best valid evaluation, the best test number (paper protocol) and the last one,
 the mean step time and the wall time. Writes benchmarks/results/<name>.{json,md}.
 """
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import RESULTS, write_results  # noqa: E402
 
 from dfa_fast.published import published  # noqa: E402
 from dfa_fast.report import run_preset, run_variant, saved_config  # noqa: E402
@@ -45,16 +47,24 @@ def row(run_dir: Path) -> dict:
             "published": published(summary["dataset"], summary["ratio_pct"], summary["method"])}
 
 
+def _recorded(name: str) -> list[dict]:
+    """The rows of an earlier <name>.json (none if there is none)."""
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", type=Path, nargs="+", help="run directories")
+    parser.add_argument("runs", type=Path, nargs="*", help="run directories (new or updated rows)")
     parser.add_argument("--name", default="schedule-search")
     args = parser.parse_args()
-    rows = [row(r) for r in sorted(args.runs)]
+    rows = {r["run"]: r for r in _recorded(args.name)}
+    rows.update((r["run"], r) for r in (row(d) for d in args.runs))
+    rows = [rows[k] for k in sorted(rows)]
     lines = ["| run | data set | ratio | method | variant (vs the preset) | steps | valid-selected "
              "| paper protocol | last eval | step ms | published |", "| --- " * 11 + "|"]
     for r in rows:
-        steps = f"{r['steps_done']}/{r['steps_planned']}" + ("" if r["finished"] else " (running)")
+        steps = f"{r['steps_done']}/{r['steps_planned']}" + ("" if r["finished"] else " (not finished)")
         lines.append(f"| {r['run']} | {r['dataset']} | {r['ratio_pct']:g}% | {r['method']} | "
                      f"{r['variant'] or r['preset']} | {steps} | {r['selected']:.2f} "
                      f"(step {r['selected_step']}) | {r['paper_protocol']:.2f} | "
