@@ -189,16 +189,17 @@ def run_naive(root: Path, labels: torch.Tensor, steps: int, warmup: int,
 
 
 # ---------------------------------------------------------------------------------- dfa-fast
-def run_dfa_fast(data: Path, steps: int, device: str = "cpu", precision: str = "fp32") -> dict:
+def run_dfa_fast(data: Path, steps: int, device: str = "cpu", precision: str = "fp32",
+                 method: str = "disent") -> dict:
     """Return dfa-fast's images/s: the median of log windows after the first, swap on."""
     from dfa_fast import config
     from dfa_fast.trainer import Trainer
-    cfg = config.resolve("cmnist", 1, "disent", {
+    cfg = config.resolve("cmnist", 1, method, {
         "data": {"path": str(data)},
         "train": {"steps": steps, "eval_every": 10 ** 9, "log_every": 250,
                   "ckpt_every": 10 ** 9, "progress": False},
         "compute": {"device": device, "precision": precision}, "cpu": {"threads": 1},
-        "method": {"swap_start": 0}})
+        "method": {"swap_start": 0} if method == "disent" else {}})
     with tempfile.TemporaryDirectory() as run_dir:
         Trainer(cfg, Path(run_dir) / "run").run()
         lines = [json.loads(l) for l in (Path(run_dir) / "run" / "metrics.jsonl").read_text()
