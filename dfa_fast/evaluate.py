@@ -13,10 +13,9 @@ METRICS = ("accuracy", "unbiased", "aligned", "conflicting", "worst_group")
 
 
 @torch.no_grad()
-def count_matrices(method, loader, num_classes: int,
-                   num_biases: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (correct, total), each (num_classes, num_biases) int64, summed over the ranks when
-    the loader is sharded across them."""
+def evaluate(method, loader, num_classes: int, num_biases: int) -> dict[str, float]:
+    """Return the metrics of the method's predictions over a loader's split, from the count
+    matrices (summed over the ranks when the loader is sharded across them)."""
     device = method.device
     correct = torch.zeros(num_classes * num_biases, dtype=torch.int64, device=device)
     total = torch.zeros_like(correct)
@@ -34,7 +33,8 @@ def count_matrices(method, loader, num_classes: int,
         both = torch.stack([correct, total])
         torch.distributed.all_reduce(both)
         correct, total = both
-    return correct.view(num_classes, num_biases), total.view(num_classes, num_biases)
+    shape = (num_classes, num_biases)
+    return metrics_from_counts(correct.view(shape), total.view(shape))
 
 
 def metrics_from_counts(correct: torch.Tensor, total: torch.Tensor) -> dict[str, float]:
@@ -55,8 +55,3 @@ def metrics_from_counts(correct: torch.Tensor, total: torch.Tensor) -> dict[str,
         "conflicting": share(~aligned),
         "worst_group": float(100 * cell_acc.min()),
     }
-
-
-def evaluate(method, loader, num_classes: int, num_biases: int) -> dict[str, float]:
-    """Return the metrics of the method's predictions over a loader's split."""
-    return metrics_from_counts(*count_matrices(method, loader, num_classes, num_biases))

@@ -147,7 +147,3 @@ class DisEntModel(nn.Module):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (z_i, z_b), each (B, D)."""
         return self.encoder_i(x), self.encoder_b(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the prediction logits C_i([z_i, z_b]) (no swap), (B, C)."""
-        return self.fc_i(torch.cat(self.features(x), 1))

@@ -110,14 +110,6 @@ def _reference(name: str) -> Impl:
 
 TABLE: dict[str, tuple[Impl, ...]] = {
     "cross_entropy": (_triton_impl("cross_entropy"), _reference("cross_entropy")),
-    "gce": (_triton_impl("gce"), _reference("gce")),
-    "sample_weights": (
-        Impl("triton", "triton", _loader("triton_ops", "sample_weights"),
-             lambda state, *_a, **_k: _triton_device(state.ema_i)),
-        Impl("numba", "fused", _loader("numba_weighting", "sample_weights"), _takes_state),
-        _reference("sample_weights")),
-    "weighted_cross_entropy": (_triton_impl("weighted_cross_entropy"),
-                               _reference("weighted_cross_entropy")),
     # A swap across data-parallel ranks (swap.source) picks rows of the whole global batch: only
     # the reference permutes beyond its own rows. Other dtypes and a gather also go to the
     # reference (a closed-form PyTorch head for them was within the noise of it in the trainer:
@@ -150,9 +142,7 @@ def _candidates(operation: str, forced: str, cuda: bool) -> tuple[Impl, ...]:
 
 def choose(operation: str, *args, **kwargs) -> Impl:
     """Return the implementation that computes ``operation(*args, **kwargs)``."""
-    first = args[0]
-    first = first.ema_i if isinstance(first, reference.LossState) else first
-    for impl in _candidates(operation, forced_backend(), first.is_cuda):
+    for impl in _candidates(operation, forced_backend(), args[0].is_cuda):
         if impl.supports(*args, **kwargs):
             return impl
     raise RuntimeError(f"no implementation of {operation} supports this call")  # unreachable
@@ -167,27 +157,11 @@ def cross_entropy(logits, target):
     return _run("cross_entropy", logits, target)
 
 
-def gce(logits, target, q=0.7, form="reference"):
-    """Return the per-sample generalized cross-entropy (B,) in float32."""
-    return _run("gce", logits, target, q, form)
-
-
-def sample_weights(state, index, label, ce_i, ce_b):
-    """Update the per-sample loss EMAs of ``state`` (`reference.LossState`) in place and return
-    the relative-difficulty weights (B,)."""
-    return _run("sample_weights", state, index, label, ce_i, ce_b)
-
-
 def relative_difficulty(state, index, label):
     """Return the weights W (B,) of the samples at ``index`` from the EMAs as they stand, without
     updating them: the statistic of the logs (the reference's formula on every backend; no step
-    computes it apart from `sample_weights`)."""
+    computes it apart from the heads' weighting)."""
     return reference.relative_difficulty(state, index, label)
-
-
-def weighted_cross_entropy(logits, target, weight):
-    """Return mean(weight * CE(logits, target)), a scalar."""
-    return _run("weighted_cross_entropy", logits, target, weight)
 
 
 def disent_head(z_i, z_b, label, index, fc_i, fc_b, state, swap, settings):
@@ -226,9 +200,6 @@ def examples(device: str = "cpu", gather: bool = False) -> dict[str, tuple[tuple
     layers = [torch.nn.Linear(D, D).to(dev)]
     return {
         "cross_entropy": ((logits, target), {}),
-        "gce": ((logits, target), {}),
-        "sample_weights": ((state, index, target, target.float(), target.float()), {}),
-        "weighted_cross_entropy": ((logits, target, target.float()), {}),
         "disent_head": ((z, z, target, index, fc, fc, state, None, settings), {}),
         "lff_head": ((logits, logits, target, index, state, settings), {}),
         "linear_relu_chain": ((z, layers), {}),

@@ -67,8 +67,7 @@ def run_series(run_dir: Path) -> dict:
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     selected = (summary.get("selected") or {}).get("step") if summary else None
     if summary is None and evals:
-        best = max(evals, key=lambda e: (e["valid"]["unbiased"], -e["step"]))
-        selected = best["step"]
+        selected = max(evals, key=lambda e: (e["valid"]["unbiased"], -e["step"]))["step"]
     losses = sorted({k for r in trains for k, v in r.items()
                      if k not in NOT_LOSS and isinstance(v, (int, float))})
 
@@ -160,9 +159,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
                               (ax_loss, "loss terms (train)", "loss"),
                               (ax_lr, "learning rate", "lr"),
                               (ax_w, "mean weight W, aligned vs conflicting", "W")):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
+        ax.set(title=title, xlabel="step", ylabel=ylabel)
         ax.grid(alpha=0.3)
     if not any(s["weight"][g][0] for s in series for g in ("aligned", "conflicting")):
         ax_w.text(0.5, 0.5, "no per-sample weights\n(vanilla, or a run logged before them)",
@@ -215,9 +212,8 @@ def plot_grid(rows: list[dict], out: Path) -> Path:
         ratios = sorted({x for line in lines.values() for x in line["ratio"]})
         ax.set_xticks(ratios, [f"{x:g}%" for x in ratios])
         ax.minorticks_off()
-        ax.set_title(panel)
-        ax.set_xlabel("bias-conflicting ratio")
-        ax.set_ylabel(f"test {metric} accuracy (%), valid-selected")
+        ax.set(title=panel, xlabel="bias-conflicting ratio",
+               ylabel=f"test {metric} accuracy (%), valid-selected")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return _save(plt, fig, out)

@@ -88,11 +88,6 @@ def ratio_valid_selection(run_dir: Path, ratio_pct: float, metric: str) -> float
     return best["test"][metric]
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    array = np.asarray(values, dtype=float)
-    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
-
-
 def aggregate(summaries: list[dict]) -> list[dict]:
     """Return one row per (data set, ratio, method, variant): seeds, means and stds of the test
     numbers."""
@@ -105,8 +100,7 @@ def aggregate(summaries: list[dict]) -> list[dict]:
             item[0][0], item[0][1], METHOD_ORDER.get(item[0][2], 9), item[0][3])):
         numbers = [headline(run) for run in runs]
         row = {"dataset": dataset, "preset": preset, "method": method, "variant": variant,
-               "ratio_pct": ratio,
-               "n_seeds": len(runs),
+               "ratio_pct": ratio, "n_seeds": len(runs),
                "seeds": sorted(run["seed"] for run in runs),
                "steps": sorted({run["steps"] for run in runs}),
                "precisions": sorted({run.get("precision") or "fp32" for run in runs}),
@@ -114,8 +108,9 @@ def aggregate(summaries: list[dict]) -> list[dict]:
         for run, n in zip(runs, numbers):
             n["ratio_valid"] = ratio_valid_selection(run["run_dir"], ratio, run["report_metric"])
         for name in ("selected", "paper_protocol", "final", "ratio_valid"):
-            mean, std = _stats([n[name] for n in numbers])
-            row[f"test_acc_{name}_mean"], row[f"test_acc_{name}_std"] = mean, std
+            values = np.asarray([n[name] for n in numbers], dtype=float)
+            row[f"test_acc_{name}_mean"] = float(values.mean())
+            row[f"test_acc_{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         row["selected_minus_paper"] = row["test_acc_selected_mean"] - \
             row["test_acc_paper_protocol_mean"]
         row["published"] = published(dataset, ratio, method)

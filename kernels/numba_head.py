@@ -104,8 +104,7 @@ def _forward(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, perm, s
     for s in range(batch):
         if label[s] < 0 or label[s] >= num_classes:
             raise IndexError("a batch label is outside [0, num_classes)")
-    k = 2 if swap else 1
-    rows = k * batch
+    rows = 2 * batch if swap else batch
     total = 2 * rows
     rows_t = _rows_t(z_i, z_b, perm, swap)
     _logits_t(weight_i, bias_i, rows_t, grad_t, 0)
@@ -164,18 +163,13 @@ def _forward(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, perm, s
             gce_factor[r] = p_q
             gce_value[r] = (np.float32(1.0) - p_q) / qq
     inv_b = np.float32(1.0) / np.float32(batch)
-    sum_wce = np.float32(0.0)
-    sum_ce = np.float32(0.0)
-    sum_w = np.float32(0.0)
-    sum_gce = np.float32(0.0)
+    sum_wce = sum_ce = sum_w = sum_gce = np.float32(0.0)
     for s in range(batch):
         sum_wce += w[s] * ce_i[s]
         sum_ce += ce_i[s]
         sum_w += w[s]
         sum_gce += gce_value[s]
-    ld = np.float32(lambda_dis)
-    ls = np.float32(lambda_swap)
-    lsb = np.float32(lambda_swap_b)
+    ld, ls, lsb = np.float32(lambda_dis), np.float32(lambda_swap), np.float32(lambda_swap_b)
     gce_b = sum_gce * inv_b
     loss_dis = sum_wce * inv_b + ld * gce_b
     stats[0] = sum_ce * inv_b
@@ -184,8 +178,7 @@ def _forward(z_i, z_b, weight_i, bias_i, weight_b, bias_b, label, index, perm, s
     stats[3] = loss_dis
     loss = loss_dis
     if swap:
-        sum_wce_s = np.float32(0.0)
-        sum_gce_s = np.float32(0.0)
+        sum_wce_s = sum_gce_s = np.float32(0.0)
         for s in range(batch):
             sum_wce_s += w[s] * (-log_p_y[batch + s])
             sum_gce_s += gce_value[batch + s]
@@ -211,8 +204,7 @@ def _backward(grad_t, scale, z_i, z_b, perm, swap, weight_i, weight_b, d_z_i, d_
               d_weight_i, d_bias_i, d_weight_b, d_bias_b):  # pragma: no cover (compiled)
     batch, dim = z_i.shape
     classes = grad_t.shape[0]
-    k = 2 if swap else 1
-    rows = k * batch
+    rows = 2 * batch if swap else batch
     rows_t = _rows_t(z_i, z_b, perm, swap)
     # g[m, c, r]: dL/dlogits of classifier m (0: intrinsic, 1: bias), row r (B or 2B rows).
     g = np.empty((2, classes, rows), np.float32)
@@ -243,13 +235,10 @@ def _backward(grad_t, scale, z_i, z_b, perm, swap, weight_i, weight_b, d_z_i, d_
     gi = np.zeros((dim, rows), np.float32)
     gb = np.zeros((dim, rows), np.float32)
     for c in range(classes):
-        g_i = g[0, c]
-        g_b = g[1, c]
+        g_i, g_b = g[0, c], g[1, c]
         for d in range(dim):
-            wi = weight_i[c, d]
-            wb = weight_b[c, dim + d]
-            out_i = gi[d]
-            out_b = gb[d]
+            wi, wb = weight_i[c, d], weight_b[c, dim + d]
+            out_i, out_b = gi[d], gb[d]
             for r in range(rows):
                 out_i[r] += wi * g_i[r]
                 out_b[r] += wb * g_b[r]

@@ -6,8 +6,9 @@ kernels by the instruction sets it finds, AVX-512 included. At the Colored MNIST
 (256 x 2352 by 2352 x 100) that is 2-2.6x faster for the forward product and the weight gradient
 on the AMD EPYC of these machines (``benchmarks/train_throughput.py`` times both).
 
-`linear_relu` is one autograd function: the forward product with the bias and the ReLU fused, the
-backward pass as two oneDNN products (the input gradient only when the input needs one). The values
+`linear_relu_chain` is one autograd function over its layers: each forward product fused with its
+bias and ReLU, the backward pass as two oneDNN products a layer (the input gradient only where the
+input needs one). The values
 are float32 products of the same operands; only the order of the additions inside a product differs
 from MKL's, as between any two BLAS libraries.
 
@@ -49,7 +50,7 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Return whether `linear_relu` computes ``relu(linear(x, weight, bias))`` for these tensors."""
+    """Return whether `linear_relu_chain` computes ``relu(linear(x, weight, bias))`` for these tensors."""
     return (_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.dim() == 2
             and not torch.is_autocast_enabled("cpu"))
@@ -113,11 +114,3 @@ def linear_relu_chain(x: torch.Tensor, layers) -> torch.Tensor:
         params += [weight, bias]
         width = weight.shape[0]
     return LinearReLUChainFunction.apply(x, *params)
-
-
-def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Return ``relu(x @ weight.T + bias)`` (B, out) through oneDNN; see `usable`."""
-    if x.shape[1] != weight.shape[1] or bias.shape != (weight.shape[0],):
-        raise ValueError(f"linear_relu: input {tuple(x.shape)}, weight {tuple(weight.shape)} and "
-                         f"bias {tuple(bias.shape)} do not match; expected (B, K), (N, K), (N,)")
-    return LinearReLUChainFunction.apply(x, weight, bias)  # a chain of one layer

@@ -1,4 +1,6 @@
-"""The Triton implementations of the DisEnt/LfF loss operations, as `dfa_fast.ops` calls them.
+"""The Triton implementations of the DisEnt/LfF loss operations: the heads and cross-entropy that
+`dfa_fast.ops` calls, and the pieces the heads are built from (GCE, the weighted cross-entropy, the
+weighting), which `benchmarks/kernels.py` times on their own.
 
 Same names, signatures, return values and in-place EMA updates as `kernels/reference.py`; the tests
 compare the two. Launches per call (forward / backward):

@@ -245,9 +245,11 @@ def test_lr_decay_needs_the_step_schedule():
 
 # ------------------------------------------------------------------ choice lists
 def test_choice_lists_are_defined_once():
-    from dfa_fast import report
+    from dfa_fast import methods, report
     from dfa_fast.data.folder import NUM_CLASSES
     assert config.METHODS[:3] == list(config.BUILTIN_METHODS)
+    # methods.py implements exactly the built-in names (a test may register more after them)
+    assert tuple(methods.METHODS)[:3] == config.BUILTIN_METHODS
     assert list(report.METHOD_ORDER) == list(config.BUILTIN_METHODS)
     parser = build_parser()
     prepare = next(a for a in parser._subparsers._group_actions[0].choices["prepare"]._actions

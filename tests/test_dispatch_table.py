@@ -16,14 +16,11 @@ from dfa_fast import ops
 from dfa_fast.kernels import numba_head, numba_weighting, onednn_linear, reference
 
 REPO = Path(__file__).resolve().parents[1]
-OPERATIONS = ("cross_entropy", "gce", "sample_weights", "weighted_cross_entropy",
-              "disent_head", "lff_head", "linear_relu_chain")
+OPERATIONS = ("cross_entropy", "disent_head", "lff_head", "linear_relu_chain")
 ONEDNN = "onednn" if onednn_linear.available() else "torch"
 # operation: (fp32, bf16 inputs, bf16 autocast, gather) on a CPU without DFA_KERNELS.
 CPU_DEFAULT = {
-    "cross_entropy": ("torch",) * 4, "gce": ("torch",) * 4,
-    "sample_weights": ("numba",) * 4,  # the EMA buffers are float32 whatever the inputs
-    "weighted_cross_entropy": ("torch",) * 4,
+    "cross_entropy": ("torch",) * 4,
     # Other dtypes and a gather: the reference (the compiled head takes float32 only).
     "disent_head": ("numba", "torch", "numba", "torch"),
     "lff_head": ("numba",) * 4,  # the reference's losses with the numba EMA pass
@@ -110,7 +107,7 @@ def test_every_implementation_has_the_contracts_parameters():
     weights = parameters(reference.sample_weights)
     assert weights == ("state", "index", "label", "ce_i", "ce_b")
     for function in (numba_weighting.sample_weights, weighting.sample_weights,
-                     triton_ops.sample_weights, ops.sample_weights):
+                     triton_ops.sample_weights):
         assert parameters(function) == weights, function.__module__
     difficulty = parameters(reference.relative_difficulty)
     assert difficulty == ("state", "index", "label")

@@ -3,6 +3,7 @@ per-sample references written here in float64: GCE, EMA, class max, W, swap sema
 stop-gradients, the learning-rate schedule and one whole DisEnt step's parameter update."""
 import functools
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from dfa_fast import config, ops, schedule
 from dfa_fast.data.loaders import Batch
 from dfa_fast.engine import build_ds_config, initialize, prepare_environment
+from dfa_fast.kernels import numba_weighting, reference
 from dfa_fast.kernels.reference import Linear, LossSettings, LossState, Swap
 from dfa_fast.methods import build_method
 
@@ -22,6 +24,12 @@ def torch_path(request, monkeypatch):
     monkeypatch.setenv("DFA_KERNELS", request.param)
 
 
+def sample_weights(*args):
+    """The EMA update and weights the heads run: the reference, or numba's pass (CPU default)."""
+    fused = os.environ["DFA_KERNELS"] == "fused"
+    return (numba_weighting if fused else reference).sample_weights(*args)
+
+
 def softmax_row(row):
     exps = [math.exp(v - max(row)) for v in row]
     return [e / sum(exps) for e in exps]
@@ -32,7 +40,7 @@ def test_gce_value_and_gradient_carry_the_extra_factor_q():
     target = torch.randint(0, 10, (64,))
     for form in ("reference", "textbook"):
         x = logits.clone().float().requires_grad_()
-        loss = ops.gce(x, target, Q, form)
+        loss = reference.gce(x, target, Q, form)
         loss.mean().backward()
         for i in range(64):
             p = softmax_row(logits[i].tolist())
@@ -83,7 +91,7 @@ def test_ema_first_write_later_updates_class_max_and_weights():
     for _ in range(6):
         index = torch.randint(0, n, (12,))  # duplicates happen: their mean is applied once
         ce_i, ce_b = torch.rand(12) * 3, torch.rand(12) * 3
-        w = ops.sample_weights(state, index, labels[index], ce_i, ce_b)
+        w = sample_weights(state, index, labels[index], ce_i, ce_b)
         ref_i, seen_after = loop_ema(ref_i, ref_seen, index.tolist(), ce_i.double().tolist())
         ref_b, _ = loop_ema(ref_b, ref_seen, index.tolist(), ce_b.double().tolist())
         ref_seen = seen_after
@@ -104,8 +112,8 @@ def test_class_max_is_over_the_whole_buffer_not_the_batch():
     ema_b = torch.tensor([1.0, 0.0, 0.0, 0.0])
     seen = torch.tensor([True, False, False, False])
     index = torch.tensor([1])  # sample 0 (same class, larger EMA) is not in the batch
-    w = ops.sample_weights(LossState(ema_i, ema_b, seen, labels, 2, ALPHA), index,
-                           labels[index], torch.tensor([1.0]), torch.tensor([2.0]))
+    w = sample_weights(LossState(ema_i, ema_b, seen, labels, 2, ALPHA), index,
+                       labels[index], torch.tensor([1.0]), torch.tensor([2.0]))
     e_i, e_b = 1.0 / 5.0, 2.0 / 2.0
     assert w.item() == pytest.approx(e_b / (e_b + e_i + 1e-8))
 

@@ -199,19 +199,19 @@ def test_buffers_it_cannot_take_go_to_the_reference(monkeypatch):
     ema_i, ema_b, seen, labels = random_state(400, 10, gen)
     wide = torch.stack([ema_i, ema_i], 1)  # a strided view of the buffer
     index = torch.randperm(200, generator=gen)[:32]
-    ce = torch.rand(32, generator=gen)
+    logits_d, logits_b = torch.randn(32, 10, generator=gen), torch.randn(32, 10, generator=gen)
     kept, kept_b, kept_seen = wide.clone(), ema_b.clone(), seen.clone()
     state = loss_state((wide[:200, 0], ema_b[:200], seen[:200], labels[:200]), 10)
-    call = (state, index, labels[index], ce, ce)
-    # The kernel refuses them itself; the chooser hands them to the reference.
+    ce = torch.rand(32, generator=gen)
+    # The kernel refuses them itself; the chooser hands the LfF head to the reference.
     assert not numba_weighting.takes(state)
     with pytest.raises(ValueError, match="contiguous CPU float32"):
-        numba_weighting.sample_weights(*call)
-    assert ops.choose("sample_weights", *call).name == "torch"
-    got = ops.sample_weights(*call)
-    want = reference.sample_weights(
-        loss_state((kept[:200, 0], kept_b[:200], kept_seen[:200], labels[:200]), 10), index,
-        labels[index], ce, ce)
+        numba_weighting.sample_weights(state, index, labels[index], ce, ce)
+    call = (logits_d, logits_b, labels[index], index)
+    assert ops.choose("lff_head", *call, state, LossSettings()).name == "torch"
+    got, _ = ops.lff_head(*call, state, LossSettings())
+    want, _ = reference.lff_head(*call, loss_state(
+        (kept[:200, 0], kept_b[:200], kept_seen[:200], labels[:200]), 10), LossSettings())
     assert torch.equal(got, want) and torch.equal(wide, kept) and torch.equal(ema_b, kept_b)
 
 

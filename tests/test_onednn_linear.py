@@ -1,5 +1,7 @@
 """`kernels.onednn_linear`: float32 Linear + ReLU through oneDNN on a CPU, against a float64
 reference, and the MLP encoder's use of it."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,11 @@ from dfa_fast.models import MLPEncoder, build_encoder
 
 pytestmark = pytest.mark.skipif(not onednn_linear.available(),
                                 reason="this PyTorch has no oneDNN linear operator")
+
+
+def linear_relu(x, weight, bias):
+    """One Linear + ReLU layer through oneDNN: a chain of one."""
+    return onednn_linear.linear_relu_chain(x, [SimpleNamespace(weight=weight, bias=bias)])
 
 
 def reference(x, weight, bias):
@@ -27,7 +34,7 @@ def test_values_and_gradients_match_a_float64_reference(batch, k, n, input_grad)
     x = torch.randn(batch, k, generator=gen).requires_grad_(input_grad)
     weight = (torch.randn(n, k, generator=gen) / k ** 0.5).requires_grad_()
     bias = torch.randn(n, generator=gen).requires_grad_()
-    out = onednn_linear.linear_relu(x, weight, bias)
+    out = linear_relu(x, weight, bias)
     expected, leaves = reference(x, weight, bias)
     assert out.dtype == torch.float32 and out.shape == (batch, n)
     assert (out == 0).any() and (out > 0).any()  # both sides of the ReLU are exercised
@@ -47,15 +54,15 @@ def test_transposed_and_sliced_inputs_give_the_same_values():
     x = torch.randn(40, 64, generator=gen).t()  # (64, 40), not contiguous
     weight, bias = torch.randn(12, 40, generator=gen), torch.randn(12, generator=gen)
     expected, _ = reference(x, weight, bias)
-    torch.testing.assert_close(onednn_linear.linear_relu(x, weight, bias).double(), expected,
+    torch.testing.assert_close(linear_relu(x, weight, bias).double(), expected,
                                rtol=1e-5, atol=1e-5)
 
 
 def test_mismatched_shapes_are_an_error():
     with pytest.raises(ValueError, match="do not match"):
-        onednn_linear.linear_relu(torch.ones(4, 5), torch.ones(3, 6), torch.ones(3))
+        linear_relu(torch.ones(4, 5), torch.ones(3, 6), torch.ones(3))
     with pytest.raises(ValueError, match="do not match"):
-        onednn_linear.linear_relu(torch.ones(4, 5), torch.ones(3, 5), torch.ones(4))
+        linear_relu(torch.ones(4, 5), torch.ones(3, 5), torch.ones(4))
 
 
 def test_it_applies_only_to_float32_cpu_tensors_outside_autocast(monkeypatch):
@@ -103,7 +110,7 @@ def test_a_chain_is_its_layers_one_after_another_bit_for_bit(input_grad, frozen)
     chained = onednn_linear.linear_relu_chain(x, layers)
     y = x
     for layer in layers:
-        y = onednn_linear.linear_relu(y, layer.weight, layer.bias)
+        y = linear_relu(y, layer.weight, layer.bias)
     assert torch.equal(chained, y) and (y == 0).any() and (y > 0).any()
     grad = torch.randn_like(y)
     leaves = [x] + [p for layer in layers for p in layer.parameters()]

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 
 from dfa_fast.data.beton import refuse_existing, write_splits
-from dfa_fast.data.sources import FaceFiles, LazyImages, Rows, load_utkface
+from dfa_fast.data.sources import FaceFiles, LazyImages, load_utkface
 from dfa_fast.data.splits import ratio_key, ratio_tag, rng_for
 from dfa_fast.errors import DfaError
 
@@ -58,11 +58,11 @@ def build_faces(src: Path | str, out: Path | str, ratios: list[float], *, seed: 
             held["valid"].append(members[:valid_per_group])
             held["test"].append(members[valid_per_group:need])
             pools[y, b] = np.sort(members[need:])
-    images = LazyImages(files.read, files.names, str(src), size)
 
-    def split(rows: np.ndarray):
+    def split(rows: np.ndarray):  # the faces of these rows, decoded when written
         rows = np.sort(rows)
-        return (Rows(images, rows), labels[rows], biases[rows])
+        return (LazyImages(files.read, [files.names[r] for r in rows], str(src), size),
+                labels[rows], biases[rows])
 
     valid_rows, test_rows = (np.concatenate(held[k]) for k in ("valid", "test"))
     conflict_rows = test_rows[labels[test_rows] != biases[test_rows]]

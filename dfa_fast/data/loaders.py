@@ -55,24 +55,12 @@ class DeviceLoader:
     def __init__(self, loader, meta: dict, device: torch.device,
                  transform: Optional[ImageTransform], train: bool, seed: int = 0,
                  sharded: bool = False):
-        self.loader = loader
+        self.loader, self.meta, self.device, self.transform = loader, meta, device, transform
+        self.train, self.seed, self.epoch, self.position = train, seed, 0, 0
         self.sharded = sharded  # this rank reads only its part: results are summed over ranks
-        self.meta = meta
-        self.device = device
-        self.transform = transform
-        self.train = train
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
 
     def __len__(self) -> int:
         return len(self.loader)
-
-    def _batch(self, image, label, bias, index) -> Batch:
-        # FFCV reuses its output buffers a few batches later: everything kept must be a copy.
-        ints = [t.reshape(-1).to(self.device, torch.int64, non_blocking=True, copy=True)
-                for t in (label, bias, index)]
-        return Batch(self.image_of(image, ints[2]), *ints)
 
     def image_of(self, image: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Return the batch's image, transformed (``index``: the samples, for augmentation keys);
@@ -80,9 +68,8 @@ class DeviceLoader:
         image = image.to(self.device, non_blocking=True)
         if self.transform is None:
             return image.clone()
-        keys = None
-        if self.train and self.transform.augments:
-            keys = sample_keys(self.seed, self.epoch, index)
+        augment = self.train and self.transform.augments
+        keys = sample_keys(self.seed, self.epoch, index) if augment else None
         return self.transform(image, self.train, keys)
 
     def raw_epoch(self) -> Iterator[tuple]:
@@ -102,8 +89,11 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         """Yield the batches of one epoch (the next one, or the rest of a resumed one)."""
-        for raw in self.raw_epoch():
-            yield self._batch(*raw)
+        for image, *raw_ints in self.raw_epoch():
+            # FFCV reuses its output buffers a few batches later: everything kept must be a copy.
+            label, bias, index = (t.reshape(-1).to(self.device, torch.int64, non_blocking=True,
+                                                   copy=True) for t in raw_ints)
+            yield Batch(self.image_of(image, index), label, bias, index)
 
     def stream(self) -> Iterator[Batch]:
         """Yield batches forever, epoch after epoch, from the current place."""

@@ -114,19 +114,14 @@ def _still_held(what: str, reuser: str, then: str) -> DfaError:
                     f"(batch.image.clone()) {then}")
 
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # the parent check in the wait loop still ends the child
-
-
 def _child(inner: DeviceLoader, slots: _Slots, ready, free, parent: int) -> None:
     """Fill the slots with the wrapped loader's batches, in order, forever."""
     status, n = 0, 0
     try:
-        _die_with_parent()
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the parent check in the wait loop still ends the child
         if os.getppid() != parent:
             os._exit(0)
         for sig in (signal.SIGINT, signal.SIGTERM):  # not the parent's Python handlers
@@ -166,7 +161,7 @@ def _child(inner: DeviceLoader, slots: _Slots, ready, free, parent: int) -> None
 class ProcessLoader:
     """A `DeviceLoader` (CPU) whose `stream` runs in a forked child process; see the module doc.
 
-    Same interface as `DeviceLoader` for training: ``len``, `stream`, `state_dict`,
+    Same interface as `DeviceLoader` for training: `stream`, `state_dict`,
     `load_state_dict`; ``close`` stops the child (also on deletion).
     The child ends with the thread that started the stream (``PR_SET_PDEATHSIG``), so a stream
     is meant for the thread that trains.
@@ -186,14 +181,10 @@ class ProcessLoader:
             raise DfaError(f"ProcessLoader cannot make a semaphore ({error}); set "
                            "data.loader_process=false on this system") from error
         self.inner = inner
-        transform = inner.transform
-        dtype = transform.loader_dtype if transform is not None else torch.uint8
+        dtype = inner.transform.loader_dtype if inner.transform is not None else torch.uint8
         self.slots = _Slots(slots, inner.loader.batch_size, tuple(inner.meta["image_shape"]),
                             dtype)
         self.process: Optional[multiprocessing.process.BaseProcess] = None
-
-    def __len__(self) -> int:
-        return len(self.inner)
 
     def state_dict(self) -> dict:
         """Return the place of the last batch taken (epoch and batches taken in it)."""
@@ -239,10 +230,7 @@ class ProcessLoader:
                 raise _still_held(f"a batch taken {KEEP} batches ago", "the process loader",
                                   "or set data.loader_process=false")
             self.free.release()
-        ints = slots.ints[k].clone()
-        if length != ints.shape[1]:
-            ints = ints[:, :length]
-        label, bias, index = ints
+        label, bias, index = slots.ints[k][:, :length].clone()
         # The batch's place first: its epoch gives the augmentation keys.
         self.inner.load_state_dict({"epoch": epoch, "position": position})
         self.taken += 1
@@ -264,9 +252,8 @@ class ProcessLoader:
     def close(self) -> None:
         """Stop the child process (the place of the last batch taken is kept)."""
         process, self.process = self.process, None
-        if process is not None and process.is_alive():
-            process.kill()
         if process is not None:
+            process.kill()  # nothing once it has exited
             process.join()
 
     def __del__(self):

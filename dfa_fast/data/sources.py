@@ -311,15 +311,3 @@ class LazyImages:
                            f"{self.shape[1]}x{self.shape[0]}; pass --size to resize all images")
         return image
 
-
-class Rows:
-    """A view of selected rows of an indexable (no copy, decoded on access)."""
-
-    def __init__(self, items, rows: np.ndarray):
-        self.items, self.rows = items, rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int):
-        return self.items[int(self.rows[i])]
