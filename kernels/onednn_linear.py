@@ -8,9 +8,8 @@ on the AMD EPYC of these machines (``benchmarks/train_throughput.py`` times both
 
 `linear_relu_chain` is one autograd function over its layers: each forward product fused with its
 bias and ReLU, the backward pass as two oneDNN products a layer (the input gradient only where the
-input needs one). The values
-are float32 products of the same operands; only the order of the additions inside a product differs
-from MKL's, as between any two BLAS libraries.
+input needs one). The values are float32 products of the same operands; only the order of the
+additions inside a product differs from MKL's, as between any two BLAS libraries.
 
 `usable` says when it applies: float32 CPU tensors outside autocast (bfloat16 autocast already runs
 its products through oneDNN), PyTorch built with oneDNN and its ``_linear_pointwise`` operator
@@ -50,7 +49,8 @@ def available() -> bool:
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Return whether `linear_relu_chain` computes ``relu(linear(x, weight, bias))`` for these tensors."""
+    """Return whether `linear_relu_chain` computes ``relu(linear(x, weight, bias))`` for these
+    tensors."""
     return (_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and x.dim() == 2
             and not torch.is_autocast_enabled("cpu"))
